@@ -1,0 +1,182 @@
+"""The segment file format, version 1: the one module that owns the log's byte layout.
+
+A data directory holds segment files (``files.py`` names them). Each segment is::
+
+    segment      := segment_header record*
+    segment_header (32 bytes):
+        magic:8 = b"MEILIESG"  version:u32  header_size:u32 = 32
+        base_position:u64       checksum:u64 = xxh3_64(the 24 bytes before it)
+
+    record       := record_header stream_name event{count}
+    record_header (56 bytes):
+        offset  size  field
+        0       4     magic = b"MREC"
+        4       8     checksum = xxh3_64(record[12:record_end])
+        12      1     version = 1
+        13      1     flags = 0 (reserved; a reader of version 1 refuses unknown flags)
+        14      2     stream_name_length (1..255)
+        16      4     body_length: bytes after the header (name + events)
+        20      4     count: events in the record (>= 1)
+        24      8     base_position: global position of the first event
+        32      8     first_number: the stream's number of the first event
+        40      4     stream_id: the engine's dense id for the stream (0, 1, 2, ...)
+        44      4     reserved = 0
+        48      8     timestamp_ms: milliseconds since the epoch when appended
+    event        := frame_length:u32 data_length:u32 frame
+    frame        := the RESP2 reply that a subscriber receives for the event:
+        *5\\r\\n+event\\r\\n+<stream>\\r\\n:<number>\\r\\n+<event-name>\\r\\n$<len>\\r\\n<data>\\r\\n
+
+All integers are little-endian. One record is one ``append`` batch: all its events
+belong to one stream, with contiguous numbers and contiguous global positions. A record
+never spans two segments. The checksum starts right after itself, so that it covers
+every header field (the length included, on purpose: a torn length is caught) and the
+body in one contiguous xxhash call. Storing each event as its wire frame lets a catch-up
+subscriber be served with slices of the mmap and no re-encoding.
+
+Version history (``FORMAT_VERSION``):
+    1 -- first version (2026-11): batch records, frames stored as RESP replies.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+import xxhash
+
+#: The version this code writes. A file with a higher version is refused on open.
+FORMAT_VERSION = 1
+#: Every version listed here can be read. Keep it in step with the history above.
+FORMAT_HISTORY = {1: "batch records, frames stored as RESP replies"}
+
+checksum = xxhash.xxh3_64_intdigest
+Hasher = xxhash.xxh3_64
+
+# -- segment header -------------------------------------------------------------------
+
+SEGMENT_MAGIC = b"MEILIESG"
+SEGMENT_HEADER = struct.Struct("<8sIIQQ")
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size  # 32
+SEGMENT_CHECKSUM_OFFSET = SEGMENT_HEADER_SIZE - 8
+
+
+def encode_segment_header(base_position: int) -> bytes:
+    """The 32 bytes that open a segment whose first event has ``base_position``."""
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, base_position, 0)
+    return head[:SEGMENT_CHECKSUM_OFFSET] + struct.pack("<Q", checksum(head[:SEGMENT_CHECKSUM_OFFSET]))
+
+
+@dataclass(frozen=True)
+class SegmentHeader:
+    magic: bytes
+    version: int
+    header_size: int
+    base_position: int
+    checksum_ok: bool
+
+
+def decode_segment_header(buf: bytes | memoryview) -> SegmentHeader:
+    """Parse the first 32 bytes of a segment (the caller checks the length)."""
+    magic, version, header_size, base, stored = SEGMENT_HEADER.unpack_from(buf, 0)
+    ok = checksum(bytes(buf[:SEGMENT_CHECKSUM_OFFSET])) == stored
+    return SegmentHeader(magic, version, header_size, base, ok)
+
+
+# -- record header --------------------------------------------------------------------
+
+RECORD_MAGIC = b"MREC"
+RECORD_HEADER = struct.Struct("<4sQBBHIIQQIIQ")
+RECORD_HEADER_SIZE = RECORD_HEADER.size  # 56
+MAGIC_OFFSET = 0
+CHECKSUM_OFFSET = MAGIC_OFFSET + 4
+CHECKSUM_END = CHECKSUM_OFFSET + 8  # the checksum covers record[CHECKSUM_END:end]
+LENGTH_OFFSET = CHECKSUM_END + 4  # body_length, after version, flags, name length
+#: A body longer than this is framing damage, not a record (a batch is at most this).
+MAX_BODY_LENGTH = 1 << 30
+
+EVENT_HEADER = struct.Struct("<II")  # frame_length, data_length
+EVENT_HEADER_SIZE = EVENT_HEADER.size  # 8
+
+FRAME_PREFIX = b"*5\r\n+event\r\n+"
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """The decoded fixed header of one record (see the module docstring)."""
+
+    magic: bytes
+    checksum: int
+    version: int
+    flags: int
+    stream_name_length: int
+    body_length: int
+    count: int
+    base_position: int
+    first_number: int
+    stream_id: int
+    timestamp_ms: int
+
+    @property
+    def size(self) -> int:
+        """Bytes of the whole record, header included."""
+        return RECORD_HEADER_SIZE + self.body_length
+
+
+def decode_record_header(buf: bytes | memoryview, offset: int) -> RecordHeader:
+    """Parse the header at ``offset`` (the caller checks that 56 bytes are there)."""
+    (magic, digest, version, flags, name_len, body_len, count, base, first, sid, _reserved,
+     ts) = RECORD_HEADER.unpack_from(buf, offset)
+    return RecordHeader(magic, digest, version, flags, name_len, body_len, count, base, first,
+                        sid, ts)
+
+
+def stream_frame_prefix(stream: bytes) -> bytes:
+    """The bytes every frame of ``stream`` starts with, up to the event number."""
+    return FRAME_PREFIX + stream + b"\r\n:"
+
+
+@dataclass
+class EncodedRecord:
+    """A record ready to write, with where each event's frame sits inside it."""
+
+    data: bytes
+    #: (offset of the frame inside ``data``, frame length) for each event, in order.
+    frames: list[tuple[int, int]]
+
+
+def encode_record(stream: bytes, stream_id: int, base_position: int, first_number: int,
+                  events: list[tuple[bytes, bytes]], timestamp_ms: int | None = None
+                  ) -> EncodedRecord:
+    """Encode one batch of ``(event_name, data)`` pairs of ``stream`` as a record."""
+    prefix = stream_frame_prefix(stream)
+    parts = [b"", stream]
+    frames = []
+    at = RECORD_HEADER_SIZE + len(stream)
+    number = first_number
+    pack_event = EVENT_HEADER.pack
+    for name, data in events:
+        head = b"%s%d\r\n+%s\r\n$%d\r\n" % (prefix, number, name, len(data))
+        frame_len = len(head) + len(data) + 2
+        parts.append(pack_event(frame_len, len(data)))
+        parts.append(head)
+        parts.append(data)
+        parts.append(b"\r\n")
+        frames.append((at + EVENT_HEADER_SIZE, frame_len))
+        at += EVENT_HEADER_SIZE + frame_len
+        number += 1
+    body_len = at - RECORD_HEADER_SIZE
+    if timestamp_ms is None:
+        timestamp_ms = int(time.time() * 1000)
+    header = RECORD_HEADER.pack(RECORD_MAGIC, 0, FORMAT_VERSION, 0, len(stream), body_len,
+                                len(events), base_position, first_number, stream_id, 0,
+                                timestamp_ms)
+    parts[0] = header
+    record = bytearray(b"".join(parts))
+    struct.pack_into("<Q", record, CHECKSUM_OFFSET, checksum(memoryview(record)[CHECKSUM_END:]))
+    return EncodedRecord(bytes(record), frames)
+
+
+def record_checksum(buf: bytes | memoryview, offset: int, size: int) -> int:
+    """The checksum a record of ``size`` bytes at ``offset`` should carry."""
+    return checksum(memoryview(buf)[offset + CHECKSUM_END:offset + size])

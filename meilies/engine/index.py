@@ -1,0 +1,205 @@
+"""Fixed-width index files: where each event's frame sits in its segment.
+
+Both index kinds share one 24-byte entry::
+
+    entry := frame_offset:u32 frame_length:u32 stream_id:u32 position_delta:u32 number:u64
+
+``frame_offset`` is the frame's byte offset in the segment, ``position_delta`` the
+event's global position minus the segment's base position, ``number`` its number in
+its stream. Little-endian, no header, no padding: entry *n* is at byte ``24 * n``.
+
+* ``.pidx`` (position index): one entry per event in global position order, so the
+  event at position P of a segment with base B is entry ``P - B``: O(1).
+* ``.sidx`` (stream index): the same entries sorted by (stream_id, number), written
+  when a segment is sealed. A stream's events inside one segment have contiguous
+  numbers, so they form one run: two binary searches find it, O(log n).
+
+Indexes are not checksummed inline: they are derived data. The checkpoint records
+their xxhash; on a mismatch the engine logs one warning and rebuilds them from the
+segment. The active segment's position index lives in memory and reaches its file
+at checkpoints and when the segment is sealed.
+
+Not thread-safe: the engine serialises all access.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from array import array
+from pathlib import Path
+
+ENTRY = struct.Struct("<IIIIQ")
+ENTRY_SIZE = ENTRY.size  # 24
+WORDS_PER_ENTRY = ENTRY_SIZE // 4  # 6 u32 words: offset, length, stream id, delta, number lo/hi
+FRAME_OFFSET_WORD = 0
+FRAME_LENGTH_WORD = 1
+STREAM_ID_WORD = 2
+
+
+def close_map(mapping: mmap.mmap) -> None:
+    """Unmap now, or, while a reader still holds a view of it, when that view is dropped.
+
+    ``mmap.close()`` with an exported buffer raises ``BufferError`` (CPython refuses to
+    pull pages from under a live memoryview); the view keeps the map alive and CPython
+    unmaps it when the last view goes, so nothing leaks and nothing dangles.
+    """
+    try:
+        mapping.close()
+    except BufferError:
+        pass  # released by reference counting when the last view is dropped (see above)
+
+
+def map_file(path: Path) -> mmap.mmap | None:
+    """A read-only map of the whole file, or None when it is empty (mmap refuses 0)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return None
+        return mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ)
+
+
+def frame_lists(buf, first: int, stop: int) -> tuple[list[int], list[int]]:
+    """Frame offsets and lengths of entries ``first``..``stop-1`` of an index buffer."""
+    with memoryview(buf) as raw, raw.cast("I") as words:
+        lo = first * WORDS_PER_ENTRY
+        hi = stop * WORDS_PER_ENTRY
+        return (words[lo + FRAME_OFFSET_WORD:hi:WORDS_PER_ENTRY].tolist(),
+                words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist())
+
+
+class SealedIndex:
+    """A read-only, memory-mapped index file of a sealed segment (.pidx or .sidx)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._map = map_file(path)
+        size = len(self._map) if self._map is not None else 0
+        self.count = size // ENTRY_SIZE
+
+    @property
+    def buffer(self):
+        return self._map if self._map is not None else b""
+
+    def entry(self, n: int) -> tuple[int, int, int, int, int]:
+        """Entry ``n`` as (frame_offset, frame_length, stream_id, position_delta, number)."""
+        return ENTRY.unpack_from(self._map, n * ENTRY_SIZE)
+
+    def frames(self, first: int, stop: int) -> tuple[list[int], list[int]]:
+        return frame_lists(self._map, first, stop)
+
+    def stream_run(self, stream_id: int) -> tuple[int, int]:
+        """In a stream index: entries [i, j) of ``stream_id`` (i == j when absent)."""
+        return self._lower_bound(stream_id), self._lower_bound(stream_id + 1)
+
+    def _lower_bound(self, stream_id: int) -> int:
+        """First entry whose stream id is >= ``stream_id`` (entries sorted by it)."""
+        lo, hi = 0, self.count
+        buf = self._map
+        unpack = struct.Struct("<I").unpack_from
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if unpack(buf, mid * ENTRY_SIZE + 4 * STREAM_ID_WORD)[0] < stream_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def close(self) -> None:
+        if self._map is not None:
+            close_map(self._map)
+            self._map = None
+
+
+class ActiveIndex:
+    """The in-memory position index of the active segment, plus a per-stream view.
+
+    ``streams`` maps a stream id to ``array('Q', [first_number, off0, len0, off1, len1,
+    ...])``: that stream's frames in this segment, whose numbers are contiguous.
+    """
+
+    def __init__(self) -> None:
+        self.entries = bytearray()
+        self.streams: dict[int, array] = {}
+        #: How many entries the .pidx file already holds (flushed at checkpoints).
+        self.flushed = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.entries) // ENTRY_SIZE
+
+    def add(self, frame_offset: int, frame_length: int, stream_id: int, delta: int,
+            number: int) -> None:
+        self.entries += ENTRY.pack(frame_offset, frame_length, stream_id, delta, number)
+        run = self.streams.get(stream_id)
+        if run is None:
+            self.streams[stream_id] = array("Q", (number, frame_offset, frame_length))
+        else:
+            run.append(frame_offset)
+            run.append(frame_length)
+
+    def load(self, raw: bytes) -> None:
+        """Adopt entries read from a .pidx file (already checked by the caller)."""
+        self.entries = bytearray()
+        self.streams = {}
+        for entry in ENTRY.iter_unpack(raw):
+            self.add(entry[0], entry[1], entry[2], entry[3], entry[4])
+        self.flushed = self.count
+
+    def entry(self, n: int) -> tuple[int, int, int, int, int]:
+        return ENTRY.unpack_from(self.entries, n * ENTRY_SIZE)
+
+    def frames(self, first: int, stop: int) -> tuple[list[int], list[int]]:
+        return frame_lists(self.entries, first, stop)
+
+    def stream_frames(self, stream_id: int, start: int, stop: int
+                      ) -> tuple[int, list[int], list[int]]:
+        """Frames of numbers [start, stop) of a stream, clipped to this segment.
+
+        Returns (first number returned, offsets, lengths).
+        """
+        run = self.streams.get(stream_id)
+        if run is None:
+            return start, [], []
+        first = run[0]
+        have = (len(run) - 1) // 2
+        lo = max(start, first) - first
+        hi = min(stop, first + have) - first
+        if hi <= lo:
+            return start, [], []
+        return first + lo, run[1 + 2 * lo:1 + 2 * hi:2].tolist(), run[2 + 2 * lo:2 + 2 * hi:2].tolist()
+
+    def flush_to(self, path: Path) -> None:
+        """Append the entries the file does not have yet (no fsync: derived data)."""
+        flags = os.O_WRONLY | os.O_CREAT
+        fd = os.open(path, flags, 0o644)
+        try:
+            os.ftruncate(fd, self.flushed * ENTRY_SIZE)
+            os.lseek(fd, self.flushed * ENTRY_SIZE, os.SEEK_SET)
+            pending = memoryview(self.entries)[self.flushed * ENTRY_SIZE:]
+            try:
+                while pending:
+                    written = os.write(fd, pending)
+                    pending = pending[written:]
+            finally:
+                pending.release()
+        finally:
+            os.close(fd)
+        self.flushed = self.count
+
+
+def sorted_stream_index(position_entries: bytes | bytearray) -> bytes:
+    """The .sidx content for a segment: its position entries sorted by (stream, number)."""
+    entries = list(ENTRY.iter_unpack(position_entries))
+    entries.sort(key=lambda e: (e[2], e[4]))
+    pack = ENTRY.pack
+    return b"".join(pack(*e) for e in entries)
+
+
+def write_file(path: Path, data: bytes | bytearray) -> None:
+    """Write a whole derived file (index) in one go, replacing what was there."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)

@@ -1,0 +1,748 @@
+"""The engine: an append-only log of events in segments, numbered per stream.
+
+Public API (what the server uses)::
+
+    engine = Engine.open(directory, fsync="always")
+    result = engine.append(b"orders-17", [(b"created", b"{...}")], expected=ANY)
+    engine.sync()                          # fdatasync: appended events become durable
+    frames, next_number = engine.stream_frames(b"orders-17", start=0)
+    for event in engine.read_stream(b"orders-17", 0): ...
+    for event in engine.read_all(position=0): ...
+    engine.add_listener(callback)          # called with stream ids that got new events
+    engine.close()
+
+Durability and visibility. ``append`` writes the record to the operating system at
+once and returns; ``sync`` makes everything appended so far durable with one
+fdatasync, so many appends can share one (group commit): the caller appends for
+every waiting client, syncs once, then answers them all. Readers see an event only
+once it is durable under the policy in force: with ``fsync="always"`` after the
+``sync`` that covers it, with ``everysec`` or ``no`` at once (a process crash loses
+nothing the kernel has). Listeners are called when events become visible.
+
+Not thread-safe: one thread (the server's event loop) makes every call.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from array import array
+from itertools import accumulate
+from pathlib import Path
+
+from . import checkpoint as ckpt
+from . import format as fmt
+from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed, EngineError,
+                     InvalidArgument, StorageError, WrongExpectedVersion)
+from .files import (DirectoryLock, fsync_directory, list_segments, position_index_path,
+                    stream_index_path)
+from .index import (ENTRY, ENTRY_SIZE, ActiveIndex, SealedIndex, sorted_stream_index,
+                    write_file)
+from .names import DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name
+from .recovery import BadRecord, RecoveryReport, ScannedRecord, iter_records, valid_record_after
+from .segment import Segment
+from .streams import StreamTable
+
+log = logging.getLogger("meilies.engine")
+
+#: ``expected`` values of :meth:`Engine.append` besides a number.
+ANY = "any"
+NO_STREAM = "none"
+FSYNC_POLICIES = ("always", "everysec", "no")
+#: Segments roll at this size (64 MiB): large enough that a stream read crosses few
+#: files, small enough that the tail re-scanned after a crash stays well under a second.
+DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
+#: A batch's body may not exceed this (frame offsets are u32 within a segment).
+MAX_BATCH_BYTES = fmt.MAX_BODY_LENGTH
+#: Per-call caps of the frame readers: bound what one reader holds in memory.
+DEFAULT_MAX_EVENTS = 4096
+DEFAULT_MAX_BYTES = 1024 * 1024
+
+Listener = Callable[[set[int]], None]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One stored event. ``data`` is a zero-copy view of the log where possible."""
+
+    stream: bytes
+    number: int
+    name: bytes
+    data: memoryview | bytes
+    #: Global position; known when read through :meth:`Engine.read_all`, else None.
+    position: int | None
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    first_number: int
+    last_number: int
+    #: Global position just past the batch: durable once ``sync()`` returns >= it.
+    end_position: int
+
+
+@dataclass
+class OpenReport:
+    """What :meth:`Engine.open` found and did."""
+
+    seconds: float = 0.0
+    segments: int = 0
+    streams: int = 0
+    events: int = 0
+    used_checkpoint: bool = False
+    scanned_bytes: int = 0
+    recovered: list[RecoveryReport] | None = None
+    rebuilt_indexes: list[str] | None = None
+
+
+class Engine:
+    """An open data directory. Use :meth:`open`; call :meth:`close` when done."""
+
+    def __init__(self, directory: Path, fsync: str, segment_size: int, max_event_size: int,
+                 verify_on_open: bool) -> None:
+        if fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
+        self.directory = directory
+        self.fsync = fsync
+        self.segment_size = segment_size
+        self.max_event_size = max_event_size
+        self.verify_on_open = verify_on_open
+        self.streams = StreamTable()
+        self.segments: list[Segment] = []
+        self._bases: list[int] = []
+        self._next_position = 0  # written
+        self._visible_position = 0
+        self._durable_position = 0
+        self._durable_size = 0  # bytes of the active segment known durable
+        #: Appended, not yet visible: (segment, frame_offset, frame_length, stream id,
+        #: position, number).
+        self._pending: list[tuple[Segment, int, int, int, int, int]] = []
+        self._listeners: list[Listener] = []
+        self._lock = DirectoryLock(directory)
+        self._closed = False
+        self.open_report = OpenReport()
+
+    # -- opening and closing --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, *, fsync: str = "always",
+             segment_size: int = DEFAULT_SEGMENT_SIZE,
+             max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+             verify_on_open: bool = True) -> Engine:
+        """Open (creating if missing) a data directory and recover its state.
+
+        Takes the directory's exclusive lock (:class:`DirectoryLocked` if held).
+        Truncates a torn record at the tail of the newest segment (reported in
+        ``open_report.recovered``); raises :class:`CorruptRecord` or
+        :class:`CorruptSegment` for damage anywhere else. With ``verify_on_open``,
+        every byte the checkpoint covers is checked against its xxhash.
+        """
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        engine = cls(path, fsync, segment_size, max_event_size, verify_on_open)
+        engine._lock.acquire()
+        try:
+            engine._recover()
+        except BaseException:
+            engine._close_files()
+            engine._lock.release()
+            raise
+        return engine
+
+    def close(self) -> None:
+        """Sync, write a checkpoint, release files and the lock. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.checkpoint()
+        finally:
+            self._closed = True
+            self._close_files()
+            self._lock.release()
+
+    def _close_files(self) -> None:
+        for segment in self.segments:
+            segment.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("engine is closed")
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def append(self, stream: bytes, events: list[tuple[bytes, bytes]],
+               expected: str | int = ANY) -> AppendResult:
+        """Append a batch of ``(event_name, data)`` to ``stream``, atomically.
+
+        ``expected`` is :data:`ANY`, :data:`NO_STREAM` or the stream's current last
+        event number; on mismatch :class:`WrongExpectedVersion` (carrying the actual
+        last number) is raised and nothing is written. Returns the batch's numbers.
+        The batch is durable after the next :meth:`sync`.
+        """
+        self._check_open()
+        if not events:
+            raise InvalidArgument("events", "an append needs at least one event")
+        total = 0
+        for name, data in events:
+            check_event_name(name)
+            check_data(data, self.max_event_size)
+            total += len(data) + len(name)
+        if total > MAX_BATCH_BYTES:
+            raise InvalidArgument("data", f"batch of {total} bytes is over {MAX_BATCH_BYTES}")
+        sid = self.streams.ids.get(stream)
+        current = 0 if sid is None else self.streams.next_number[sid]
+        self._check_expected(stream, current, expected)
+        new_stream = sid is None
+        position = self._next_position
+        if new_stream:
+            check_stream_name(stream)
+            sid = self.streams.create(stream, position)
+        record = fmt.encode_record(stream, sid, position, current, events)
+        try:
+            segment = self._segment_for(len(record.data))
+            offset = segment.append(record.data)
+        except BaseException:
+            if new_stream:
+                self.streams.drop_newest(sid)
+            raise
+        number = current
+        pending = self._pending
+        for frame_at, frame_len in record.frames:
+            pending.append((segment, offset + frame_at, frame_len, sid, position, number))
+            position += 1
+            number += 1
+        self.streams.next_number[sid] = number
+        self._next_position = position
+        if self.fsync != "always":
+            self._publish()
+        return AppendResult(current, number - 1, position)
+
+    def _check_expected(self, stream: bytes, current: int, expected: str | int) -> None:
+        if expected == ANY:
+            return
+        if expected == NO_STREAM:
+            if current != 0:
+                raise WrongExpectedVersion(stream.decode("utf-8", "replace"), current - 1, "none")
+            return
+        if not isinstance(expected, int) or expected < 0:
+            raise InvalidArgument("expected", "must be 'any', 'none' or an event number")
+        if current == 0 or current - 1 != expected:
+            raise WrongExpectedVersion(stream.decode("utf-8", "replace"),
+                                       current - 1 if current else None, str(expected))
+
+    def _segment_for(self, record_size: int) -> Segment:
+        active = self.segments[-1]
+        if active.size > fmt.SEGMENT_HEADER_SIZE and active.size + record_size > self.segment_size:
+            self._roll()
+            active = self.segments[-1]
+        return active
+
+    def _roll(self) -> None:
+        """Seal the active segment and start the next one; write a checkpoint."""
+        self.sync()
+        old = self.segments[-1]
+        old.seal()
+        new = Segment.create(self.directory, self._next_position)
+        self.segments.append(new)
+        self._bases.append(new.base_position)
+        self.checkpoint()
+
+    def sync(self) -> int:
+        """Make every appended event durable (one fdatasync); return the durable position.
+
+        On failure the events appended since the last sync are taken back (never
+        visible, cut from the file) and :class:`StorageError` is raised.
+        """
+        self._check_open()
+        if self._durable_position < self._next_position:
+            try:
+                self.segments[-1].sync()
+            except StorageError:
+                if self.fsync == "always":
+                    self._take_back_pending()
+                raise
+            self._durable_position = self._next_position
+            self._durable_size = self.segments[-1].size
+        if self._pending:
+            self._publish()
+        return self._durable_position
+
+    def _take_back_pending(self) -> None:
+        """Forget appends whose sync failed: the kernel may have dropped their pages.
+
+        Cuts the active segment back to its last durable size and rewinds the stream
+        table, so that no part of them is ever read or survives a restart.
+        """
+        streams = self.streams
+        for _seg, _off, _len, sid, _pos, number in reversed(self._pending):
+            streams.next_number[sid] = number
+        newest = len(streams) - 1
+        while newest >= 0 and streams.next_number[newest] == 0:
+            streams.drop_newest(newest)
+            newest -= 1
+        self._pending.clear()
+        self._next_position = self._durable_position
+        self.segments[-1].truncate_to(self._durable_size)
+
+    def _publish(self) -> None:
+        """Make pending events visible and tell the listeners which streams changed."""
+        changed: set[int] = set()
+        streams = self.streams
+        for segment, frame_offset, frame_length, sid, position, number in self._pending:
+            segment.index.add(frame_offset, frame_length, sid, position - segment.base_position,
+                              number)
+            streams.make_visible(sid, number + 1)
+            changed.add(sid)
+        self._visible_position = self._pending[-1][4] + 1
+        self._pending.clear()
+        for listener in self._listeners:
+            listener(changed)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(stream_ids)`` whenever events of those streams become visible.
+
+        It runs inside ``append``/``sync``: it must not block or call back in.
+        """
+        self._listeners.append(listener)
+
+    def checkpoint(self) -> None:
+        """Sync, flush the active index and write the checkpoint (see checkpoint.py)."""
+        self._check_open()
+        self.sync()
+        active = self.segments[-1]
+        assert isinstance(active.index, ActiveIndex)
+        active.index.flush_to(position_index_path(self.directory, active.base_position))
+        states = [s.state for s in self.segments[:-1]]
+        states.append(ckpt.SegmentState(active.base_position, active.size, active.index.count,
+                                        active.hasher.intdigest(),
+                                        fmt.checksum(active.index.entries), 0))
+        ckpt.write(self.directory, ckpt.Checkpoint(self.streams.names, self.streams.next_number,
+                                                   self.streams.first_position, states))
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @property
+    def visible_position(self) -> int:
+        """Global position just past the last event readers may see."""
+        return self._visible_position
+
+    @property
+    def durable_position(self) -> int:
+        return self._durable_position
+
+    @property
+    def written_position(self) -> int:
+        return self._next_position
+
+    def stream_id(self, stream: bytes) -> int | None:
+        return self.streams.ids.get(stream)
+
+    def stream_name(self, stream_id: int) -> bytes:
+        return self.streams.names[stream_id]
+
+    def last_event_number(self, stream: bytes) -> int | None:
+        """Number of the stream's last visible event; None when it has none."""
+        sid = self.streams.ids.get(stream)
+        if sid is None:
+            return None
+        count = self.streams.visible_next[sid]
+        return count - 1 if count else None
+
+    def next_number(self, stream: bytes) -> int:
+        """How many visible events the stream has (the number its next event gets)."""
+        sid = self.streams.ids.get(stream)
+        return 0 if sid is None else self.streams.visible_next[sid]
+
+    def stream_names(self) -> list[bytes]:
+        """Names of the streams that have visible events, in byte order."""
+        return self.streams.sorted_visible_names()
+
+    def stats(self) -> dict[str, int]:
+        disk = 0
+        for segment in self.segments:
+            disk += segment.size
+            disk += segment.index.count * ENTRY_SIZE * (1 if segment.is_active else 2)
+        return {"streams": self.streams.visible_count(), "events": self._visible_position,
+                "segments": len(self.segments), "disk_bytes": disk}
+
+    def stream_frames(self, stream: bytes | int, start: int, stop: int | None = None, *,
+                      max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES
+                      ) -> tuple[list[memoryview], int]:
+        """Stored RESP frames of events ``start`` .. ``stop-1`` of a stream, in order.
+
+        Returns at most ``max_events`` frames and about ``max_bytes`` (always at least
+        one frame when any is due), and the number after the last returned: call again
+        from there. The frames are zero-copy views of the log.
+        """
+        self._check_open()
+        sid = stream if isinstance(stream, int) else self.streams.ids.get(stream)
+        if sid is None:
+            return [], start
+        end = self.streams.visible_next[sid]
+        if stop is not None and stop < end:
+            end = stop
+        if start >= end:
+            return [], start
+        if end - start > max_events:
+            end = start + max_events
+        k = bisect.bisect_right(self._bases, self.streams.first_position[sid]) - 1
+        segments = self.segments
+        frames: list[memoryview] = []
+        size = 0
+        number = start
+        while k < len(segments) and number < end:
+            segment = segments[k]
+            k += 1
+            first, offsets, lengths = self._segment_stream_frames(segment, sid, number, end)
+            if not offsets:
+                continue
+            buf = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+            if size + sum(lengths) > max_bytes:
+                allowed = bisect.bisect_right(list(accumulate(lengths)), max_bytes - size)
+                allowed = max(allowed, 0 if frames else 1)
+                offsets, lengths = offsets[:allowed], lengths[:allowed]
+                frames += [buf[o:o + n] for o, n in zip(offsets, lengths)]
+                number = first + len(offsets)
+                break
+            frames += [buf[o:o + n] for o, n in zip(offsets, lengths)]
+            size += sum(lengths)
+            number = first + len(offsets)
+        return frames, number
+
+    def _segment_stream_frames(self, segment: Segment, sid: int, start: int, end: int
+                               ) -> tuple[int, list[int], list[int]]:
+        index = segment.index
+        if isinstance(index, ActiveIndex):
+            return index.stream_frames(sid, start, end)
+        i, j = segment.stream_index.stream_run(sid)
+        if i == j:
+            return start, [], []
+        first_number = segment.stream_index.entry(i)[4]
+        lo = max(start, first_number)
+        hi = min(end, first_number + (j - i))
+        if hi <= lo:
+            return start, [], []
+        offsets, lengths = segment.stream_index.frames(i + lo - first_number,
+                                                       i + hi - first_number)
+        return lo, offsets, lengths
+
+    def all_frames(self, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
+                   min_number: int = 0, max_number: int | None = None
+                   ) -> tuple[list[memoryview], int]:
+        """Frames from global ``position`` on (one segment at most per call).
+
+        Only events whose per-stream number is in [min_number, max_number) are
+        returned; the position after the last event examined comes back with them.
+        """
+        self._check_open()
+        end = self._visible_position
+        if position >= end:
+            return [], position
+        k = bisect.bisect_right(self._bases, position) - 1
+        segment = self.segments[k]
+        first = position - segment.base_position
+        stop = min(segment.index.count, first + max_events,
+                   end - segment.base_position)
+        if stop <= first:
+            return [], position
+        buf = segment.index.buffer if isinstance(segment.index, SealedIndex) \
+            else segment.index.entries
+        if min_number == 0 and max_number is None:
+            offsets, lengths = segment.index.frames(first, stop)
+        else:
+            offsets, lengths = [], []
+            with memoryview(buf) as raw:
+                for off, length, _sid, _delta, number in ENTRY.iter_unpack(
+                        raw[first * ENTRY_SIZE:stop * ENTRY_SIZE]):
+                    if number >= min_number and (max_number is None or number < max_number):
+                        offsets.append(off)
+                        lengths.append(length)
+        frames = []
+        if offsets:
+            view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+            frames = [view[o:o + n] for o, n in zip(offsets, lengths)]
+        return frames, segment.base_position + stop
+
+    def read_stream(self, stream: bytes, start: int = 0, stop: int | None = None
+                    ) -> Iterator[Event]:
+        """Events ``start`` .. ``stop-1`` of ``stream`` visible now, as :class:`Event`."""
+        sid = self.streams.ids.get(stream)
+        if sid is None:
+            return
+        number = start
+        while True:
+            frames, after = self.stream_frames(sid, number, stop)
+            if not frames:
+                return
+            for frame in frames:
+                yield _decode_frame(stream, number, frame, None)
+                number += 1
+
+    def read_all(self, position: int = 0) -> Iterator[Event]:
+        """Every event visible now from global ``position`` on, in position order."""
+        while True:
+            k = bisect.bisect_right(self._bases, position) - 1
+            segment = self.segments[k]
+            frames, after = self.all_frames(position)
+            if after == position:
+                return
+            for i, frame in enumerate(frames):
+                entry = segment.index.entry(position - segment.base_position + i)
+                stream = self.streams.names[entry[2]]
+                yield _decode_frame(stream, entry[4], frame, position + i)
+            position = after
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        started = time.monotonic()
+        report = self.open_report
+        report.recovered, report.rebuilt_indexes = [], []
+        bases = list_segments(self.directory, remove_temp=True)
+        checkpoint = self._read_checkpoint(bases)
+        report.used_checkpoint = checkpoint is not None
+        if checkpoint is not None:
+            self.streams = StreamTable(checkpoint.names, checkpoint.next_number,
+                                       checkpoint.first_position)
+        if not bases:
+            self.segments.append(Segment.create(self.directory, 0))
+            self._bases.append(0)
+        position = 0
+        for k, base in enumerate(bases):
+            last = k == len(bases) - 1
+            segment = Segment.open_existing(self.directory, base)
+            self.segments.append(segment)
+            self._bases.append(base)
+            if base != position:
+                raise CorruptSegment(segment.path, 0, f"segment starts at position {base},"
+                                     f" but the previous one ends at {position}")
+            state = checkpoint.segments[k] if checkpoint and k < len(checkpoint.segments) \
+                else None
+            if state is not None and state.sidx_hash and not last:
+                self._open_sealed(segment, state)
+                position += state.event_count
+                continue
+            position = self._open_by_scan(segment, state, position, last)
+            if not last:
+                segment.seal()
+        active = self.segments[-1]
+        if not active.is_active:
+            active.activate()
+        self._next_position = self._visible_position = self._durable_position = position
+        self._durable_size = active.size
+        self.streams.visible_next = array("Q", self.streams.next_number)
+        report.segments = len(self.segments)
+        report.streams = len(self.streams)
+        report.events = position
+        if report.scanned_bytes or report.rebuilt_indexes or not report.used_checkpoint:
+            self.checkpoint()
+        report.seconds = time.monotonic() - started
+
+    def _read_checkpoint(self, bases: list[int]) -> ckpt.Checkpoint | None:
+        try:
+            checkpoint = ckpt.read(self.directory)
+        except CorruptIndex as exc:
+            log.warning("ignoring the checkpoint, rebuilding state from the log: %s", exc)
+            return None
+        if checkpoint is None:
+            return None
+        listed = [s.base_position for s in checkpoint.segments]
+        if listed != bases[:len(listed)] or not listed:
+            log.warning("ignoring the checkpoint: it lists segments %s, the directory has %s;"
+                        " rebuilding state from the log", listed[:3], bases[:3])
+            return None
+        return checkpoint
+
+    def _open_sealed(self, segment: Segment, state: ckpt.SegmentState) -> None:
+        """Adopt a sealed segment the checkpoint describes, checking it against it."""
+        size = segment.size
+        if size != state.size:
+            raise CorruptSegment(segment.path, min(size, state.size),
+                                 f"sealed segment is {size} bytes, the checkpoint says"
+                                 f" {state.size}")
+        if self.verify_on_open:
+            with memoryview(segment.buffer(size)) as view:
+                digest = fmt.checksum(view)
+            if digest != state.segment_hash:
+                self._locate_damage(segment, size)
+        segment.state = state
+        pidx = position_index_path(self.directory, segment.base_position)
+        sidx = stream_index_path(self.directory, segment.base_position)
+        if not (_file_hash(pidx, state.event_count) == state.pidx_hash
+                and _file_hash(sidx, state.event_count) == state.sidx_hash):
+            self._rebuild_sealed_indexes(segment, state)
+        segment.load_sealed_indexes()
+
+    def _locate_damage(self, segment: Segment, end: int) -> None:
+        """A checked region's hash is wrong: find and raise the first bad record."""
+        buf = segment.buffer(end)
+        for record in iter_records(buf, fmt.SEGMENT_HEADER_SIZE, end):
+            if isinstance(record, BadRecord):
+                raise CorruptRecord(segment.path, record.offset, record.reason)
+        raise CorruptSegment(segment.path, 0, "segment content does not match the"
+                             " checksum in the checkpoint")
+
+    def _rebuild_sealed_indexes(self, segment: Segment, state: ckpt.SegmentState) -> None:
+        log.warning("index files of %s are missing or damaged; rebuilding them from the log",
+                    segment.path.name)
+        self.open_report.rebuilt_indexes.append(segment.path.name)
+        index = ActiveIndex()
+        position = segment.base_position
+        buf = segment.buffer(state.size)
+        for record in iter_records(buf, fmt.SEGMENT_HEADER_SIZE, state.size):
+            if isinstance(record, BadRecord):
+                raise CorruptRecord(segment.path, record.offset, record.reason)
+            for frame_at, frame_len in record.frames:
+                index.add(frame_at, frame_len, record.header.stream_id,
+                          position - segment.base_position,
+                          record.header.first_number + position - record.header.base_position)
+                position += 1
+        entries = bytes(index.entries)
+        sidx = sorted_stream_index(entries)
+        write_file(position_index_path(self.directory, segment.base_position), entries)
+        write_file(stream_index_path(self.directory, segment.base_position), sidx)
+        state.pidx_hash = fmt.checksum(entries)
+        state.sidx_hash = fmt.checksum(sidx)
+
+    def _open_by_scan(self, segment: Segment, state: ckpt.SegmentState | None,
+                      position: int, last: bool) -> int:
+        """Open a segment by reading its records after what the checkpoint covers.
+
+        Records the checkpoint covers only rebuild the index (the stream table already
+        has them); the rest are applied to the stream table too.
+        """
+        file_size = segment.size
+        buf = segment.buffer(file_size)
+        covered = fmt.SEGMENT_HEADER_SIZE
+        index = segment.index
+        if state is not None:
+            if file_size < state.size:
+                raise CorruptSegment(segment.path, file_size, f"segment is {file_size} bytes,"
+                                     f" shorter than the {state.size} the checkpoint covers")
+            if self.verify_on_open:
+                with memoryview(buf) as view, view[:state.size] as prefix:
+                    digest = fmt.checksum(prefix)
+                if digest != state.segment_hash:
+                    self._locate_damage(segment, state.size)
+            covered = state.size
+            raw = _read_prefix(position_index_path(self.directory, segment.base_position),
+                               state.event_count)
+            if raw is not None and fmt.checksum(raw) == state.pidx_hash:
+                index.load(raw)
+                start = covered
+                position += state.event_count
+            else:
+                log.warning("position index of %s is missing or damaged; rebuilding it",
+                            segment.path.name)
+                self.open_report.rebuilt_indexes.append(segment.path.name)
+                start = fmt.SEGMENT_HEADER_SIZE
+        else:
+            start = fmt.SEGMENT_HEADER_SIZE
+        self.open_report.scanned_bytes += file_size - start
+        offset = start
+        for record in iter_records(buf, start, file_size):
+            if isinstance(record, BadRecord):
+                offset = record.offset
+                if last and offset >= covered and \
+                        valid_record_after(buf, offset, file_size) is None:
+                    break
+                raise CorruptRecord(segment.path, offset, record.reason)
+            self._apply_record(segment, record, position, apply=record.offset >= covered)
+            position += record.header.count
+            offset = record.end
+        del buf
+        if offset < file_size:
+            dropped = file_size - offset
+            log.warning("%s: truncating a torn record at the tail: %d bytes at offset %d"
+                        " dropped", segment.path.name, dropped, offset)
+            segment.activate()
+            segment.truncate_to(offset)
+            self.open_report.recovered.append(RecoveryReport(segment.path, offset, dropped,
+                                                             "torn record at the tail"))
+        else:
+            segment.size = file_size
+            with memoryview(segment.buffer(file_size)) as view:
+                segment.hasher = fmt.Hasher()
+                segment.hasher.update(view[:file_size])
+        return position
+
+    def _apply_record(self, segment: Segment, record: ScannedRecord, position: int,
+                      apply: bool) -> None:
+        header = record.header
+        where = (segment.path, record.offset)
+        if header.base_position != position:
+            raise CorruptRecord(*where, f"record has position {header.base_position},"
+                                f" expected {position}")
+        streams = self.streams
+        sid = header.stream_id
+        if apply:
+            if sid == len(streams):
+                if record.stream in streams.ids:
+                    raise CorruptRecord(*where, "stream created twice")
+                streams.create(record.stream, position)
+            elif sid > len(streams):
+                raise CorruptRecord(*where, f"stream id {sid} skips ids")
+            if streams.names[sid] != record.stream:
+                raise CorruptRecord(*where, f"stream id {sid} is named"
+                                    f" {streams.names[sid]!r}, the record says {record.stream!r}")
+            if header.first_number != streams.next_number[sid]:
+                raise CorruptRecord(*where, f"event number {header.first_number} of stream"
+                                    f" {record.stream!r}, expected {streams.next_number[sid]}")
+            streams.next_number[sid] = header.first_number + header.count
+        elif sid >= len(streams) or streams.names[sid] != record.stream:
+            raise CorruptRecord(*where, "stream id does not match the checkpoint")
+        number = header.first_number
+        for frame_at, frame_len in record.frames:
+            segment.index.add(frame_at, frame_len, sid, position - segment.base_position, number)
+            position += 1
+            number += 1
+
+
+def _file_hash(path: Path, count: int) -> int | None:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(raw) != count * ENTRY_SIZE:
+        return None
+    return fmt.checksum(raw)
+
+
+def _read_prefix(path: Path, count: int) -> bytes | None:
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(count * ENTRY_SIZE)
+    except FileNotFoundError:
+        return None
+    return raw if len(raw) == count * ENTRY_SIZE else None
+
+
+def _decode_frame(stream: bytes, number: int, frame: memoryview, position: int | None) -> Event:
+    name_start, name_end, data_start, data_end = _fields(stream, number, frame)
+    return Event(stream, number, bytes(frame[name_start:name_end]), frame[data_start:data_end],
+                 position)
+
+
+def _fields(stream: bytes, number: int, frame: memoryview) -> tuple[int, int, int, int]:
+    """Spans of the name and data inside a frame (offsets relative to the frame)."""
+    length = len(frame)
+    # The data length is the last $<n>\r\n before the data; parse from the known front.
+    name_start = len(fmt.FRAME_PREFIX) + len(stream) + 3 + len(str(number)) + 3
+    raw = bytes(frame[name_start:min(length, name_start + 300)])
+    name_len = raw.index(b"\r")
+    name_end = name_start + name_len
+    dollar = name_end + 3
+    digits_end = bytes(frame[dollar:dollar + 20]).index(b"\r")
+    data_len = int(bytes(frame[dollar:dollar + digits_end]))
+    data_start = dollar + digits_end + 2
+    return name_start, name_end, data_start, data_start + data_len

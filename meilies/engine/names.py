@@ -1,0 +1,67 @@
+"""The rules for stream names, event names and sizes (PROTOCOL.md, "Names and sizes").
+
+Stream names travel inside frames as RESP simple strings and inside subscription
+specs split on ``:``, hence their stricter rule.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from .errors import InvalidArgument
+
+MAX_NAME_BYTES = 255
+#: Default cap on one event's data, in bytes (``--max-event-size``).
+DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+#: Reserved stream name: the subscription to every stream.
+ALL_STREAMS = b"$all"
+
+# ASCII bytes that may never appear: controls (C0, DEL), plus for streams the space
+# and ':' (the spec separator).
+_ASCII_BAD_EVENT = re.compile(rb"[\x00-\x1f\x7f]")
+_ASCII_BAD_STREAM = re.compile(rb"[\x00-\x20\x7f:]")
+
+
+def _has_bad_unicode(text: str, *, whitespace: bool) -> bool:
+    for ch in text:
+        if unicodedata.category(ch) == "Cc" or (whitespace and ch.isspace()):
+            return True
+    return False
+
+
+def _check_name(value: bytes, argument: str, ascii_bad: re.Pattern, whitespace: bool) -> None:
+    if not value:
+        raise InvalidArgument(argument, "must not be empty")
+    if len(value) > MAX_NAME_BYTES:
+        raise InvalidArgument(argument, f"is {len(value)} bytes, at most {MAX_NAME_BYTES} allowed")
+    if ascii_bad.search(value):
+        what = "whitespace, ':' or control characters" if whitespace else "control characters"
+        raise InvalidArgument(argument, f"must not contain {what}")
+    if value.isascii():
+        return
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(argument, "is not valid UTF-8") from None
+    if _has_bad_unicode(text, whitespace=whitespace):
+        what = "whitespace or control characters" if whitespace else "control characters"
+        raise InvalidArgument(argument, f"must not contain {what}")
+
+
+def check_stream_name(value: bytes) -> None:
+    """Raise :class:`InvalidArgument` unless ``value`` may name a stream one publishes to."""
+    _check_name(value, "stream", _ASCII_BAD_STREAM, whitespace=True)
+    if value == ALL_STREAMS:
+        raise InvalidArgument("stream", "'$all' is reserved (subscribe only)")
+
+
+def check_event_name(value: bytes) -> None:
+    """Raise :class:`InvalidArgument` unless ``value`` may name an event."""
+    _check_name(value, "event-name", _ASCII_BAD_EVENT, whitespace=False)
+
+
+def check_data(value: bytes, max_event_size: int) -> None:
+    """Raise :class:`InvalidArgument` if ``value`` is larger than ``max_event_size``."""
+    if len(value) > max_event_size:
+        raise InvalidArgument("data", f"is {len(value)} bytes, at most {max_event_size} allowed")

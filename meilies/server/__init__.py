@@ -1,0 +1,1 @@
+"""The RESP server: a gevent StreamServer in front of the engine."""
