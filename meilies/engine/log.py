@@ -661,11 +661,16 @@ class Engine:
             position += record.header.count
             offset = record.end
         del buf
+        # Opened for writing: to truncate a torn tail, and to fdatasync what was scanned.
+        # The bytes written since the last checkpoint may exist only in the page cache
+        # (a process crash under fsync "no"); the checkpoint written after opening will
+        # vouch for them, so they must be durable first, or a power loss later would
+        # make that checkpoint disagree with the log.
+        segment.activate()
         if offset < file_size:
             dropped = file_size - offset
             log.warning("%s: truncating a torn record at the tail: %d bytes at offset %d"
                         " dropped", segment.path.name, dropped, offset)
-            segment.activate()
             segment.truncate_to(offset)
             self.open_report.recovered.append(RecoveryReport(segment.path, offset, dropped,
                                                              "torn record at the tail"))
@@ -674,6 +679,8 @@ class Engine:
             with memoryview(segment.buffer(file_size)) as view:
                 segment.hasher = fmt.Hasher()
                 segment.hasher.update(view[:file_size])
+        if start < file_size:
+            segment.sync()
         return position
 
     def _apply_record(self, segment: Segment, record: ScannedRecord, position: int,

@@ -90,8 +90,13 @@ class Segment:
         self._fd = os.open(self.path, os.O_RDWR)
 
     def seal(self) -> SegmentState:
-        """Write the indexes of a full segment and make it read-only. The log is synced."""
-        assert isinstance(self.index, ActiveIndex)
+        """Write the indexes of a full segment and make it read-only. The log is synced.
+
+        The segment must be open for writing (:meth:`create` or :meth:`activate`): a
+        segment is sealed once, by the roll that fills it or by the recovery that finds
+        it full but not yet sealed, and both have just written or scanned it.
+        """
+        assert isinstance(self.index, ActiveIndex) and self._fd is not None
         self.sync()
         entries = bytes(self.index.entries)
         sidx = sorted_stream_index(entries)
