@@ -39,7 +39,7 @@ from . import format as fmt
 from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed, EngineError,
                      InvalidArgument, StorageError, WrongExpectedVersion)
 from .files import (DirectoryLock, fsync_directory, list_segments, position_index_path,
-                    stream_index_path)
+                    segment_path, stream_index_path)
 from .index import (ENTRY, ENTRY_SIZE, ActiveIndex, SealedIndex, sorted_stream_index,
                     write_file)
 from .names import DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name
@@ -520,14 +520,16 @@ class Engine:
         position = 0
         for k, base in enumerate(bases):
             last = k == len(bases) - 1
+            state = checkpoint.segments[k] if checkpoint and k < len(checkpoint.segments) \
+                else None
+            if last and state is None and self._recreate_torn_segment(base, position):
+                continue
             segment = Segment.open_existing(self.directory, base)
             self.segments.append(segment)
             self._bases.append(base)
             if base != position:
                 raise CorruptSegment(segment.path, 0, f"segment starts at position {base},"
                                      f" but the previous one ends at {position}")
-            state = checkpoint.segments[k] if checkpoint and k < len(checkpoint.segments) \
-                else None
             if state is not None and state.sidx_hash and not last:
                 self._open_sealed(segment, state)
                 position += state.event_count
@@ -547,6 +549,28 @@ class Engine:
         if report.scanned_bytes or report.rebuilt_indexes or not report.used_checkpoint:
             self.checkpoint()
         report.seconds = time.monotonic() - started
+
+    def _recreate_torn_segment(self, base: int, position: int) -> bool:
+        """Recreate the newest segment if a crash cut it short while it was being created.
+
+        ``Segment.create`` makes the file, then writes and fdatasyncs its header, and only
+        then does a checkpoint name it; so a newest segment that no checkpoint names and
+        that holds less than a header (or only part of the one it would get) is a torn
+        tail with no record in it, not damage. Returns False for anything else.
+        """
+        torn = Segment.torn_at_creation(self.directory, base)
+        if torn is None or base != position:
+            return False
+        path = segment_path(self.directory, base)
+        log.warning("%s: the segment was cut short while being created (%d bytes);"
+                    " recreating it", path.name, torn)
+        path.unlink()
+        segment = Segment.create(self.directory, base)
+        self.segments.append(segment)
+        self._bases.append(base)
+        self.open_report.recovered.append(RecoveryReport(
+            path, 0, torn, "segment header cut short while the segment was being created"))
+        return True
 
     def _read_checkpoint(self, bases: list[int]) -> ckpt.Checkpoint | None:
         try:

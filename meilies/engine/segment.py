@@ -82,6 +82,19 @@ class Segment:
         segment.size = size
         return segment
 
+    @staticmethod
+    def torn_at_creation(directory: Path, base_position: int) -> int | None:
+        """The size of a segment file that is shorter than its header and holds only a
+        prefix of the header :meth:`create` writes (or zeros); None for any other file."""
+        path = segment_path(directory, base_position)
+        with open(path, "rb") as handle:
+            raw = handle.read(fmt.SEGMENT_HEADER_SIZE)
+        if len(raw) >= fmt.SEGMENT_HEADER_SIZE:
+            return None
+        if raw != fmt.encode_segment_header(base_position)[:len(raw)] and any(raw):
+            return None
+        return len(raw)
+
     def file_size(self) -> int:
         return os.stat(self.path).st_size
 
