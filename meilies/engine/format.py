@@ -6,6 +6,8 @@ A data directory holds segment files (``files.py`` names them). Each segment is:
     segment_header (32 bytes):
         magic:8 = b"MEILIESG"  version:u32  header_size:u32 = 32
         base_position:u64       checksum:u64 = xxh3_64(the 24 bytes before it)
+        (every format version keeps this header as it is, so that a reader checks the
+        checksum first and tells a file from a newer version from a damaged one)
 
     record       := record_header stream_name event{count}
     record_header (56 bytes):

@@ -72,10 +72,15 @@ class Segment:
         header = fmt.decode_segment_header(raw)
         if header.magic != fmt.SEGMENT_MAGIC:
             raise CorruptSegment(segment.path, 0, "not a MeiliES segment (bad magic)")
+        # The checksum before the version: a flipped bit in the version field is damage,
+        # not a file from the future (every version keeps this 32-byte header; format.py).
+        if not header.checksum_ok:
+            raise CorruptSegment(segment.path, 0, "segment header checksum mismatch")
         if header.version > fmt.FORMAT_VERSION or header.version not in fmt.FORMAT_HISTORY:
             raise UnsupportedFormatVersion(segment.path, header.version, fmt.FORMAT_VERSION)
-        if not header.checksum_ok or header.header_size != fmt.SEGMENT_HEADER_SIZE:
-            raise CorruptSegment(segment.path, 0, "segment header checksum mismatch")
+        if header.header_size != fmt.SEGMENT_HEADER_SIZE:
+            raise CorruptSegment(segment.path, 0, f"segment header size {header.header_size},"
+                                 f" expected {fmt.SEGMENT_HEADER_SIZE}")
         if header.base_position != base_position:
             raise CorruptSegment(segment.path, 0, f"header says base position"
                                  f" {header.base_position}, the file name {base_position}")
