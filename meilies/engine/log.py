@@ -200,16 +200,25 @@ class Engine:
         if total > MAX_BATCH_BYTES:
             raise InvalidArgument("data", f"batch of {total} bytes is over {MAX_BATCH_BYTES}")
         sid = self.streams.ids.get(stream)
-        current = 0 if sid is None else self.streams.next_number[sid]
-        self._check_expected(stream, current, expected)
         new_stream = sid is None
-        position = self._next_position
         if new_stream:
+            # Before the expected-version check: a bad name must be refused as such,
+            # and never be echoed back inside a WrongExpectedVersion message.
             check_stream_name(stream)
+        current = 0 if new_stream else self.streams.next_number[sid]
+        self._check_expected(stream, current, expected)
+        position = self._next_position
+        record = fmt.encode_record(stream, len(self.streams) if new_stream else sid, position,
+                                   current, events)
+        # Roll first, then create the stream: a roll writes a checkpoint, which must not
+        # name a stream whose first record is not written yet (if that write then failed
+        # or the process died, the checkpoint would hold a stream id the log never uses,
+        # and the next new stream's records would contradict it).
+        segment = self._segment_for(len(record.data))
+        assert position == self._next_position, "a roll must not move the log's end"
+        if new_stream:
             sid = self.streams.create(stream, position)
-        record = fmt.encode_record(stream, sid, position, current, events)
         try:
-            segment = self._segment_for(len(record.data))
             offset = segment.append(record.data)
         except BaseException:
             if new_stream:
@@ -234,7 +243,7 @@ class Engine:
             if current != 0:
                 raise WrongExpectedVersion(stream.decode("utf-8", "replace"), current - 1, "none")
             return
-        if not isinstance(expected, int) or expected < 0:
+        if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
             raise InvalidArgument("expected", "must be 'any', 'none' or an event number")
         if current == 0 or current - 1 != expected:
             raise WrongExpectedVersion(stream.decode("utf-8", "replace"),
