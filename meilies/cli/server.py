@@ -1,0 +1,88 @@
+"""``meilies-server``: open a data directory and serve it over RESP."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+
+import click
+
+from ..engine import Engine
+from ..engine.errors import CorruptionError, DirectoryLocked, EngineError
+from ..engine.names import DEFAULT_MAX_EVENT_SIZE
+from ..server.app import DEFAULT_MAXCLIENTS, DEFAULT_PORT, Config, Server, raise_open_file_limit
+
+log = logging.getLogger("meilies.server")
+
+SERVER_EPILOG = """\b
+Examples:
+  meilies-server --data-dir ./data
+  meilies-server --data-dir /var/lib/meilies --port 6480 --fsync everysec
+  redis-cli -p 6480 publish orders-17 created '{"total": 12}'
+"""
+
+
+@click.command(epilog=SERVER_EPILOG)
+@click.option("--data-dir", type=click.Path(file_okay=False), required=True,
+              help="Directory holding segments and indexes (created if missing).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port to listen on (0 picks a free one).")
+@click.option("--fsync", type=click.Choice(["always", "everysec", "no"]), default="always",
+              show_default=True,
+              help="always: answer writes once on stable storage (group commit); everysec:"
+                   " sync once a second; no: leave it to the OS. No policy loses events on a"
+                   " process crash.")
+@click.option("--max-event-size", type=click.IntRange(0, 512 * 1024 * 1024),
+              default=DEFAULT_MAX_EVENT_SIZE, show_default=True,
+              help="Largest event data accepted, in bytes.")
+@click.option("--requirepass", default=None, metavar="PASS",
+              help="Require AUTH PASS before any other command.")
+@click.option("--maxclients", type=click.IntRange(1), default=DEFAULT_MAXCLIENTS,
+              show_default=True, help="Connections served at once; more are refused.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
+         requirepass: str | None, maxclients: int, log_level: str) -> None:
+    """Serve the MeiliES event store in DATA_DIR over the Redis protocol (RESP)."""
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = Config(host=host, port=port, fsync=fsync, max_event_size=max_event_size,
+                    requirepass=requirepass, maxclients=maxclients)
+    limit = raise_open_file_limit(maxclients + 1024)
+    log.info("open-file limit is %d", limit)
+    try:
+        engine = Engine.open(data_dir, fsync=fsync, max_event_size=max_event_size)
+    except DirectoryLocked as exc:
+        _fail(f"{exc}: is another meilies-server running on it?")
+    except CorruptionError as exc:
+        _fail(str(exc))
+    except (EngineError, OSError) as exc:
+        _fail(f"cannot open {data_dir}: {exc}")
+    report = engine.open_report
+    for recovered in report.recovered:
+        log.warning("recovery: %s: truncated %d bytes at offset %d (%s)", recovered.path.name,
+                    recovered.truncated_bytes, recovered.valid_bytes, recovered.reason)
+    log.info("opened %s in %.3fs: %d streams, %d events, %d segments%s", data_dir,
+             report.seconds, report.streams, report.events, report.segments,
+             "" if report.used_checkpoint else " (state rebuilt from the log)")
+    try:
+        server = Server(engine, config)
+        server.start()
+    except OSError as exc:
+        engine.close()
+        if exc.errno == errno.EADDRINUSE:
+            _fail(f"cannot listen on {host}:{port}: address already in use")
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    log.info("listening on %s:%d (fsync %s)", host, server.port, fsync)
+    server.serve_until_signalled()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"meilies-server: {message}", err=True)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The command table: every command's arity, and what it answers (PROTOCOL.md).
+
+A handler takes ``(connection, args)`` (``args[0]`` is the command name as sent) and
+returns its reply bytes, or raises :class:`CommandError` / an engine error that
+``errors.engine_error_reply`` maps to the wire. Writes tell the connection the
+position they need durable before their reply may go out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import __version__
+from ..engine import ANY, NO_STREAM
+from ..engine.errors import InvalidArgument
+from ..engine.names import check_stream_name
+from . import resp
+from .errors import WRONGPASS, CommandError
+from .subscription import parse_spec
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+Handler = Callable[["Connection", list[bytes]], bytes]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    handler: Handler
+    min_args: int  # including the command name
+    max_args: int | None  # None: no upper bound
+    #: Reads state that this connection's own unsynced writes must be part of first.
+    reads: bool = False
+    #: Allowed before AUTH on a server with --requirepass.
+    before_auth: bool = False
+
+
+def publish(conn: Connection, args: list[bytes]) -> bytes:
+    result = conn.engine.append(args[1], [(args[2], args[3])], ANY)
+    conn.needs_durable(result.end_position)
+    return resp.OK
+
+
+def append(conn: Connection, args: list[bytes]) -> bytes:
+    if len(args) % 2 == 0:
+        raise CommandError("ERR wrong number of arguments for 'append'")
+    expected = _parse_expected(args[2])
+    events = [(args[i], args[i + 1]) for i in range(3, len(args), 2)]
+    result = conn.engine.append(args[1], events, expected)
+    conn.needs_durable(result.end_position)
+    return resp.integer(result.last_number)
+
+
+def _parse_expected(raw: bytes) -> str | int:
+    lowered = raw.lower()
+    if lowered == b"any":
+        return ANY
+    if lowered == b"none":
+        return NO_STREAM
+    if raw.isdigit() and raw.isascii() and len(raw) <= 20:
+        return int(raw)
+    raise CommandError("ERR invalid expected: must be 'any', 'none' or an event number")
+
+
+def last_event_number(conn: Connection, args: list[bytes]) -> bytes:
+    stream = args[1]
+    _check_stream_argument(stream)
+    number = conn.engine.last_event_number(stream)
+    tail = resp.NIL if number is None else resp.integer(number)
+    return b"*3\r\n+last-event-number\r\n" + resp.simple(stream) + tail
+
+
+def _check_stream_argument(stream: bytes) -> None:
+    try:
+        check_stream_name(stream)
+    except InvalidArgument as exc:
+        raise CommandError(f"ERR {exc}") from None
+
+
+def stream_names(conn: Connection, args: list[bytes]) -> bytes:
+    names = conn.engine.stream_names()
+    return b"".join([resp.array_header(len(names) + 1), b"+stream-names\r\n"]
+                    + [b"+%s\r\n" % name for name in names])
+
+
+def subscribe(conn: Connection, args: list[bytes]) -> bytes:
+    specs = [parse_spec(raw) for raw in args[1:]]  # all or none: parse every spec first
+    conn.subscribe(specs)
+    return b""
+
+
+def ping(conn: Connection, args: list[bytes]) -> bytes:
+    return resp.PONG if len(args) == 1 else resp.bulk(args[1])
+
+
+def quit_(conn: Connection, args: list[bytes]) -> bytes:
+    conn.closing = True
+    return resp.OK
+
+
+def auth(conn: Connection, args: list[bytes]) -> bytes:
+    password = conn.server.config.requirepass
+    if password is None:
+        raise CommandError("ERR AUTH called without any password configured")
+    if len(args) == 3 and args[1] != b"default":
+        conn.authenticated = False
+        return WRONGPASS
+    given = args[-1]
+    if hmac.compare_digest(given, password.encode()):
+        conn.authenticated = True
+        return resp.OK
+    conn.authenticated = False
+    return WRONGPASS
+
+
+def command(conn: Connection, args: list[bytes]) -> bytes:
+    if len(args) >= 2 and args[1].lower() == b"count":
+        return resp.integer(len(COMMANDS))
+    # COMMAND, COMMAND DOCS, COMMAND INFO ...: an empty array keeps redis-cli happy.
+    return resp.EMPTY_ARRAY
+
+
+def info(conn: Connection, args: list[bytes]) -> bytes:
+    server = conn.server
+    stats = conn.engine.stats()
+    fields = [
+        ("meilies_version", __version__),
+        ("process_id", os.getpid()),
+        ("tcp_port", server.port),
+        ("uptime_in_seconds", int(time.monotonic() - server.started)),
+        ("connected_clients", server.connection_count),
+        ("subscribers", server.notifier.subscriptions),
+        ("streams", stats["streams"]),
+        ("events", stats["events"]),
+        ("segments", stats["segments"]),
+        ("disk_bytes", stats["disk_bytes"]),
+        ("fsync", server.config.fsync),
+        ("max_event_size", server.config.max_event_size),
+    ]
+    body = "# Server\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields)
+    return resp.bulk(body.encode())
+
+
+_TABLE = [
+    Command("publish", publish, 4, 4),
+    Command("append", append, 5, None),
+    Command("subscribe", subscribe, 2, None, reads=True),
+    Command("last-event-number", last_event_number, 2, 2, reads=True),
+    Command("stream-names", stream_names, 1, 1, reads=True),
+    Command("ping", ping, 1, 2),
+    Command("quit", quit_, 1, None, before_auth=True),
+    Command("auth", auth, 2, 3, before_auth=True),
+    Command("command", command, 1, None),
+    Command("info", info, 1, 2, reads=True),
+]
+
+#: Lookup by the lower-case name as bytes.
+COMMANDS: dict[bytes, Command] = {c.name.encode(): c for c in _TABLE}
+
+
+def lookup(name: bytes) -> Command | None:
+    """The command called ``name`` (case-insensitive), or None."""
+    found = COMMANDS.get(name)
+    if found is None:
+        found = COMMANDS.get(name.lower())
+    return found

@@ -1,0 +1,195 @@
+"""One client connection: read requests, run them in order, write replies back.
+
+``handle(sock, address)`` runs in its own greenlet and its return closes the socket
+(gevent's StreamServer). Each read is parsed into every complete request it holds;
+they run in order and their replies go back in one ``sendall`` (pipelining). Replies
+to writes wait for group commit (commit.py) under ``--fsync always``. Before a read
+(``last-event-number``, ``subscribe``, ...) the connection's own earlier writes are
+made durable and visible first, so a client always reads its own writes.
+
+Subscriptions of a connection run in greenlets of their own and share the socket
+through ``_send_lock``, so replies and events never interleave mid-frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.lock import Semaphore
+
+from ..engine.errors import EngineError, StorageError
+from . import commands, resp, subscription
+from .errors import NOAUTH, CommandError, engine_error_reply, unknown_command, wrong_arity
+
+if TYPE_CHECKING:
+    from .app import Server
+
+log = logging.getLogger("meilies.server")
+
+RECV_SIZE = 256 * 1024
+
+
+class Connection:
+    def __init__(self, server: Server, sock: socket.socket, address) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.sock = sock
+        self.address = address
+        self.authenticated = server.config.requirepass is None
+        self.closing = False
+        #: True while a batch of requests is being run (graceful stop lets it finish).
+        self.busy = False
+        self._out: list[bytes] = []
+        #: Indexes in ``_out`` of write replies not yet durable, and the position
+        #: they need durable.
+        self._durable_slots: list[int] = []
+        self._durable_needed = 0
+        self._send_lock = Semaphore()
+        self._subscriptions: list[gevent.Greenlet] = []
+
+    # -- the request loop -------------------------------------------------------------------
+
+    def run(self) -> None:
+        parser = resp.RequestParser(max_bulk=self.server.config.max_bulk)
+        buf = bytearray(RECV_SIZE)
+        view = memoryview(buf)
+        try:
+            while not self.closing:
+                n = self.sock.recv_into(buf)
+                if not n:
+                    return
+                try:
+                    requests = parser.feed(view[:n])
+                    error = None
+                except resp.ProtocolError as exc:
+                    requests, error = exc.requests, exc
+                self.busy = True
+                for request in requests:
+                    self._execute(request)
+                    if self.closing:
+                        break
+                if error is not None and not self.closing:
+                    self._out.append(resp.error(f"ERR Protocol error: {error.reason}"))
+                    self.closing = True
+                self.flush()
+                self.busy = False
+        except OSError as exc:
+            log.debug("connection %s: %s", self.address, exc)
+        finally:
+            self.busy = False
+            gevent.killall(self._subscriptions, block=False)
+
+    def _execute(self, request: list[bytes]) -> None:
+        command = commands.lookup(request[0])
+        out = self._out
+        if command is None:
+            out.append(unknown_command(request[0]).reply)
+            return
+        if not self.authenticated and not command.before_auth:
+            out.append(NOAUTH)
+            return
+        if len(request) < command.min_args or (
+                command.max_args is not None and len(request) > command.max_args):
+            out.append(wrong_arity(command.name).reply)
+            return
+        if command.reads and self._durable_slots:
+            self._settle_writes()
+        try:
+            out.append(command.handler(self, request))
+        except CommandError as exc:
+            out.append(exc.reply)
+        except EngineError as exc:
+            reply = engine_error_reply(exc)
+            if reply is None:
+                raise
+            out.append(reply)
+        except gevent.GreenletExit:
+            raise
+        except Exception:
+            log.exception("internal error running %r", request[0][:64])
+            out.append(resp.error("ERR internal error"))
+
+    # -- durability of writes ---------------------------------------------------------------
+
+    def needs_durable(self, position: int) -> None:
+        """The reply being built answers a write that must be durable up to ``position``."""
+        if self.server.config.fsync == "always":
+            self._durable_slots.append(len(self._out))
+            if position > self._durable_needed:
+                self._durable_needed = position
+
+    def _settle_writes(self) -> None:
+        """Wait for group commit of this connection's pending writes; on a failed sync,
+        turn their replies into errors (the engine took the writes back)."""
+        if not self._durable_slots:
+            return
+        try:
+            self.server.commit.wait(self._durable_needed)
+        except StorageError as exc:
+            reply = engine_error_reply(exc)
+            for slot in self._durable_slots:
+                self._out[slot] = reply
+        self._durable_slots.clear()
+
+    def flush(self) -> None:
+        """Send every reply built so far, once their writes are durable."""
+        self._settle_writes()
+        if self._out:
+            data = b"".join(self._out)
+            self._out.clear()
+            with self._send_lock:
+                self.sock.sendall(data)
+
+    # -- subscriptions ----------------------------------------------------------------------
+
+    def subscribe(self, specs: list[subscription.Spec]) -> None:
+        """Confirm each spec, then start serving it from a pinned start."""
+        server = self.server
+        starts = []
+        for spec in specs:
+            self._out.append(b"*2\r\n+subscribed\r\n" + resp.simple(spec.label))
+            if spec.stream is None:
+                start = 0 if spec.start is not None else self.engine.visible_position
+            else:
+                start = spec.start if spec.start is not None \
+                    else self.engine.next_number(spec.stream)
+            starts.append(start)
+        # The confirmations must reach the client before any event of these specs.
+        self.flush()
+        for spec, start in zip(specs, starts):
+            greenlet = gevent.spawn(self._serve, spec, start)
+            self._subscriptions.append(greenlet)
+        server.subscriptions_started += len(specs)
+
+    def _serve(self, spec: subscription.Spec, start: int) -> None:
+        try:
+            subscription.serve(spec, self.engine, self.server.notifier, self._send_frames, start)
+        except OSError as exc:
+            log.debug("subscription of %s ended: %s", self.address, exc)
+            self._abort()
+        finally:
+            current = gevent.getcurrent()
+            if current in self._subscriptions:
+                self._subscriptions.remove(current)
+
+    def _send_frames(self, frames: list[memoryview]) -> None:
+        data = b"".join(frames)
+        with self._send_lock:
+            self.sock.sendall(data)
+
+    def _abort(self) -> None:
+        """The peer is gone: make the request loop's ``recv`` return."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed or never connected: nothing left to shut
+
+    def stop(self) -> None:
+        """Graceful stop: end subscriptions; end the request loop once it is idle."""
+        gevent.killall(self._subscriptions, block=False)
+        self.closing = True
+        if not self.busy:
+            self._abort()

@@ -1,0 +1,282 @@
+"""RESP2 on the wire: parsing requests, encoding replies.
+
+Requests are arrays of bulk strings (what redis-cli, redis-py and hiredis send),
+parsed by ``hiredis.Reader`` in C, or inline commands (a line of words, as typed
+into telnet or nc), parsed here. Whether the next request is inline is decided when
+the parser holds no partial request: a line that does not start with ``*``.
+
+hiredis has no cap on the lengths a client announces, so while a request is still
+incomplete a header-level scan here checks the announced array and bulk lengths
+against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``); it runs only when a read
+ends inside a request, so the usual path costs one ``gets()`` per request.
+"""
+
+from __future__ import annotations
+
+import hiredis
+
+#: Most elements one request may have (an ``append`` of ~500,000 events).
+MAX_ARRAY_LENGTH = 1024 * 1024
+#: Longest inline command line (Redis' PROTO_INLINE_MAX_SIZE).
+MAX_INLINE_LENGTH = 64 * 1024
+
+CRLF = b"\r\n"
+OK = b"+OK\r\n"
+PONG = b"+PONG\r\n"
+NIL = b"$-1\r\n"
+EMPTY_ARRAY = b"*0\r\n"
+
+#: Returned by ``hiredis.Reader.gets()`` when the buffer holds no complete request.
+#: (``False``, the default, could not be told apart from a parsed value.)
+NOT_ENOUGH_DATA = object()
+
+
+class ProtocolError(Exception):
+    """Malformed RESP: the reply is ``-ERR Protocol error: <reason>``, then close."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: The complete requests that came before the malformed one: they are run.
+        self.requests: list[list[bytes]] = []
+
+
+def simple(value: bytes) -> bytes:
+    return b"+" + value + CRLF
+
+
+def error(message: str | bytes) -> bytes:
+    """An error reply; CR/LF in the message are replaced so the line stays one line."""
+    if isinstance(message, str):
+        message = message.encode("utf-8", "replace")
+    return b"-" + message.replace(b"\r", b" ").replace(b"\n", b" ") + CRLF
+
+
+def integer(value: int) -> bytes:
+    return b":%d\r\n" % value
+
+
+def bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def array_header(count: int) -> bytes:
+    return b"*%d\r\n" % count
+
+
+class RequestParser:
+    """Turns the bytes of one connection into requests (lists of ``bytes``)."""
+
+    def __init__(self, max_bulk: int) -> None:
+        self.max_bulk = max_bulk
+        self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+        # Bytes fed to hiredis since it last held no partial request, and how many
+        # requests it has completed from them: what the length guard scans.
+        self._partial = bytearray()
+        self._completed = 0
+        #: hiredis holds no part of a request. (``has_data()`` cannot tell: hiredis
+        #: drops the bytes of an array's header and finished bulks while it waits.)
+        self._clean = True
+        self._inline = bytearray()
+
+    def feed(self, data: bytes | memoryview) -> list[list[bytes]]:
+        """Parse ``data``; return the complete requests. Raises :class:`ProtocolError`."""
+        requests: list[list[bytes]] = []
+        data = bytes(data)
+        try:
+            while data:
+                if self._inline or (self._clean and data[:1] != b"*"):
+                    data = self._feed_inline(data, requests)
+                else:
+                    data = self._feed_resp(data, requests)
+        except ProtocolError as exc:
+            exc.requests = requests
+            raise
+        return requests
+
+    def _feed_resp(self, data: bytes, requests: list[list[bytes]]) -> bytes:
+        """Parse RESP requests; return the bytes of an inline command that follows them."""
+        reader = self._reader
+        reader.feed(data)
+        self._partial += data
+        self._clean = False
+        gets = reader.gets
+        has_data = reader.has_data
+        while True:
+            try:
+                request = gets()
+            except hiredis.ProtocolError as exc:
+                rest = self._after_completed()
+                if rest[:1] in (b"*", b""):
+                    raise ProtocolError(str(exc)) from None
+                # Not RESP but an inline command after RESP ones: go on from there.
+                self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+                self._partial.clear()
+                self._completed = 0
+                self._clean = True
+                return rest
+            if request is NOT_ENOUGH_DATA:
+                break
+            if type(request) is not list or not request:
+                raise ProtocolError("expected an array of bulk strings")
+            for item in request:
+                if type(item) is not bytes:
+                    raise ProtocolError("expected an array of bulk strings")
+            requests.append(request)
+            self._completed += 1
+            if not has_data():  # the data ended with this request: a clean boundary
+                self._clean = True
+                break
+        if self._clean:
+            self._partial.clear()
+            self._completed = 0
+        else:
+            self._guard_lengths()
+        return b""
+
+    def _after_completed(self) -> bytes:
+        """The bytes fed after the requests hiredis completed since the last clean point."""
+        at = 0
+        for _ in range(self._completed):
+            at = self._skip_request(self._partial, at, check=False)
+        return bytes(self._partial[at:])
+
+    def _guard_lengths(self) -> None:
+        """Check the announced lengths of the incomplete request (see module doc)."""
+        buf = self._partial
+        at = 0
+        for _ in range(self._completed):
+            at = self._skip_request(buf, at)
+            if at < 0:
+                return
+        self._skip_request(buf, at)
+
+    def _skip_request(self, buf: bytearray, at: int, check: bool = True) -> int:
+        """Offset after the request at ``at``, or -1 if it is incomplete.
+
+        With ``check``, announced lengths over the limits raise :class:`ProtocolError`.
+        """
+        line_end = buf.find(CRLF, at)
+        if line_end < 0:
+            if len(buf) - at > MAX_INLINE_LENGTH:
+                raise ProtocolError("too big multibulk count")
+            return -1
+        count = _parse_length(buf, at + 1, line_end, "multibulk length")
+        if check and count > MAX_ARRAY_LENGTH:
+            raise ProtocolError("invalid multibulk length")
+        at = line_end + 2
+        for _ in range(count):
+            line_end = buf.find(CRLF, at)
+            if line_end < 0:
+                if len(buf) - at > 32:
+                    raise ProtocolError("bulk length line too long")
+                return -1
+            if buf[at:at + 1] != b"$":
+                raise ProtocolError(f"expected '$', got {bytes(buf[at:at + 1])!r}")
+            length = _parse_length(buf, at + 1, line_end, "bulk length")
+            if length < 0:
+                raise ProtocolError("invalid bulk length")
+            if check and length > self.max_bulk:
+                raise ProtocolError(f"invalid bulk length {length} (at most {self.max_bulk})")
+            at = line_end + 2 + length + 2
+            if at > len(buf):
+                return -1
+        return at
+
+    def _feed_inline(self, data: bytes, requests: list[list[bytes]]) -> bytes:
+        """Consume inline lines from ``data``; return what follows them (RESP)."""
+        self._inline += data
+        buf = self._inline
+        at = 0
+        while at < len(buf):
+            if buf[at:at + 1] == b"*":
+                rest = bytes(buf[at:])
+                self._inline = bytearray()
+                return rest
+            line_end = buf.find(b"\n", at)
+            if line_end < 0:
+                if len(buf) - at > MAX_INLINE_LENGTH:
+                    raise ProtocolError("too big inline request")
+                break
+            line = bytes(buf[at:line_end]).rstrip(b"\r")
+            at = line_end + 1
+            words = split_inline(line)
+            if words:
+                requests.append(words)
+        del buf[:at]
+        return b""
+
+
+def _parse_length(buf: bytearray, start: int, end: int, what: str) -> int:
+    digits = bytes(buf[start:end])
+    if not digits or len(digits) > 20 or not (digits.isdigit() or
+                                              (digits[:1] == b"-" and digits[1:].isdigit())):
+        raise ProtocolError(f"invalid {what}")
+    return int(digits)
+
+
+_ESCAPES = {ord("n"): b"\n", ord("r"): b"\r", ord("t"): b"\t", ord("b"): b"\b",
+            ord("a"): b"\a"}
+
+
+def split_inline(line: bytes) -> list[bytes]:
+    """Split an inline command into words, with Redis' quoting (``sdssplitargs``).
+
+    ``"..."`` takes escapes (``\\n``, ``\\xHH``, ...); ``'...'`` is literal but for
+    ``\\'``. A closing quote must be followed by a space or the end of the line.
+    """
+    words: list[bytes] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] in b" \t":
+            i += 1
+        if i >= n:
+            return words
+        word = bytearray()
+        quote = None
+        while i < n:
+            c = line[i]
+            if quote == ord('"'):
+                if c == ord("\\") and i + 3 < n and line[i + 1] == ord("x") and \
+                        _is_hex(line[i + 2:i + 4]):
+                    word.append(int(line[i + 2:i + 4], 16))
+                    i += 4
+                    continue
+                if c == ord("\\") and i + 1 < n:
+                    word += _ESCAPES.get(line[i + 1], bytes([line[i + 1]]))
+                    i += 2
+                    continue
+                if c == quote:
+                    i += 1
+                    if i < n and line[i] not in b" \t":
+                        raise ProtocolError("unbalanced quotes in request")
+                    quote = None
+                    break
+                word.append(c)
+            elif quote == ord("'"):
+                if c == ord("\\") and i + 1 < n and line[i + 1] == quote:
+                    word.append(quote)
+                    i += 2
+                    continue
+                if c == quote:
+                    i += 1
+                    if i < n and line[i] not in b" \t":
+                        raise ProtocolError("unbalanced quotes in request")
+                    quote = None
+                    break
+                word.append(c)
+            else:
+                if c in b" \t":
+                    break
+                if c in b"\"'" and not word:
+                    quote = c
+                else:
+                    word.append(c)
+            i += 1
+        if quote is not None:
+            raise ProtocolError("unbalanced quotes in request")
+        words.append(bytes(word))
+
+
+def _is_hex(pair: bytes) -> bool:
+    return len(pair) == 2 and all(ch in b"0123456789abcdefABCDEF" for ch in pair)

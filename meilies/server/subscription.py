@@ -1,0 +1,101 @@
+"""Subscriptions: parsing specs, and the greenlet that serves one.
+
+One greenlet per subscription reads the log from its own cursor (catch-up from disk
+and live events are the same loop), sends what it read, and sleeps on its wake-up
+when it has reached the head. It holds at most one read's worth of frames (the
+engine's ``max_bytes``, 1 MiB) while its socket drains: a slow subscriber lags behind
+in the log instead of growing a buffer, and never slows anyone else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..engine import Engine
+from ..engine.errors import InvalidArgument
+from ..engine.names import ALL_STREAMS, check_stream_name
+from .errors import CommandError
+from .notify import Notifier
+
+
+@dataclass(frozen=True)
+class Spec:
+    """``stream`` (None for ``$all``), first number (None: live only), stop (exclusive)."""
+
+    stream: bytes | None
+    start: int | None
+    stop: int | None
+
+    @property
+    def label(self) -> bytes:
+        return ALL_STREAMS if self.stream is None else self.stream
+
+
+def parse_spec(raw: bytes) -> Spec:
+    """Parse ``name``, ``name:from``, ``name:from:to`` (and ``$all`` forms)."""
+    parts = raw.split(b":")
+    if len(parts) > 3:
+        raise _bad_spec(raw, "too many ':'")
+    name = parts[0]
+    if name != ALL_STREAMS:
+        try:
+            check_stream_name(name)
+        except InvalidArgument as exc:
+            raise _bad_spec(raw, f"stream name {exc.reason}") from None
+    numbers = []
+    for part in parts[1:]:
+        if not part or not part.isdigit() or not part.isascii():
+            raise _bad_spec(raw, "event numbers must be non-negative integers")
+        numbers.append(int(part))
+    start = numbers[0] if numbers else None
+    stop = numbers[1] if len(numbers) == 2 else None
+    if stop is not None and start >= stop:
+        raise _bad_spec(raw, "'from' must be lower than 'to'")
+    return Spec(None if name == ALL_STREAMS else name, start, stop)
+
+
+def _bad_spec(raw: bytes, reason: str) -> CommandError:
+    return CommandError(f"ERR invalid subscription spec '{raw.decode('utf-8', 'replace')}':"
+                        f" {reason}")
+
+
+def serve(spec: Spec, engine: Engine, notifier: Notifier,
+          send: Callable[[list[memoryview]], None], start: int) -> None:
+    """Serve one subscription until its range ends (or the greenlet is killed).
+
+    ``start`` was pinned when the subscription was made: the first number (or, for
+    ``$all``, the global position) to send.
+    """
+    wakeup = notifier.watch(spec.stream)
+    try:
+        if spec.stream is None:
+            _serve_all(spec, engine, wakeup, send, start)
+        else:
+            _serve_stream(spec, engine, wakeup, send, start)
+    finally:
+        notifier.unwatch(spec.stream, wakeup)
+
+
+def _serve_stream(spec, engine, wakeup, send, number) -> None:
+    stream, stop = spec.stream, spec.stop
+    while stop is None or number < stop:
+        wakeup.clear()
+        frames, number = engine.stream_frames(stream, number, stop)
+        if frames:
+            send(frames)
+        else:
+            wakeup.wait()
+
+
+def _serve_all(spec, engine, wakeup, send, position) -> None:
+    low = spec.start or 0
+    while True:
+        wakeup.clear()
+        frames, after = engine.all_frames(position, min_number=low, max_number=spec.stop)
+        if after == position:
+            wakeup.wait()
+            continue
+        position = after
+        if frames:
+            send(frames)
