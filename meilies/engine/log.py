@@ -264,6 +264,9 @@ class Engine:
         new = Segment.create(self.directory, self._next_position)
         self.segments.append(new)
         self._bases.append(new.base_position)
+        # What a failed sync cuts the active segment back to: now the new segment's
+        # header (create made it durable), not the old segment's size.
+        self._durable_size = new.size
         self.checkpoint()
 
     def sync(self) -> int:
