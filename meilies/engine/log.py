@@ -38,8 +38,8 @@ from . import checkpoint as ckpt
 from . import format as fmt
 from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed, EngineError,
                      InvalidArgument, StorageError, WrongExpectedVersion)
-from .files import (DirectoryLock, fsync_directory, list_segments, position_index_path,
-                    segment_path, stream_index_path)
+from .files import (DirectoryLock, checkpoint_path, fsync_directory, list_segments,
+                    position_index_path, segment_path, stream_index_path)
 from .index import (ENTRY, ENTRY_SIZE, ActiveIndex, SealedIndex, sorted_stream_index,
                     write_file)
 from .names import DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name
@@ -257,17 +257,33 @@ class Engine:
         return active
 
     def _roll(self) -> None:
-        """Seal the active segment and start the next one; write a checkpoint."""
+        """Seal the active segment and start the next one; write a checkpoint.
+
+        All or nothing up to the checkpoint: the next segment is created before the
+        active one is sealed, so that a failure of either (:class:`StorageError`)
+        leaves the active segment as it was and the append that rolled can fail cleanly.
+        The checkpoint is derived data: if it cannot be written the roll stands, with a
+        warning (opening scans from the last checkpoint that was written).
+        """
         self.sync()
         old = self.segments[-1]
-        old.seal()
         new = Segment.create(self.directory, self._next_position)
+        try:
+            old.seal()
+        except StorageError:
+            new.close()
+            new.path.unlink()
+            raise
         self.segments.append(new)
         self._bases.append(new.base_position)
         # What a failed sync cuts the active segment back to: now the new segment's
         # header (create made it durable), not the old segment's size.
         self._durable_size = new.size
-        self.checkpoint()
+        try:
+            self.checkpoint()
+        except StorageError as exc:
+            log.warning("could not write a checkpoint after sealing %s; going on without"
+                        " it: %s", old.path.name, exc)
 
     def sync(self) -> int:
         """Make every appended event durable (one fdatasync); return the durable position.
@@ -333,13 +349,21 @@ class Engine:
         self.sync()
         active = self.segments[-1]
         assert isinstance(active.index, ActiveIndex)
-        active.index.flush_to(position_index_path(self.directory, active.base_position))
+        pidx = position_index_path(self.directory, active.base_position)
+        try:
+            active.index.flush_to(pidx)
+        except OSError as exc:
+            raise StorageError(pidx, "write", exc) from exc
         states = [s.state for s in self.segments[:-1]]
         states.append(ckpt.SegmentState(active.base_position, active.size, active.index.count,
                                         active.hasher.intdigest(),
                                         fmt.checksum(active.index.entries), 0))
-        ckpt.write(self.directory, ckpt.Checkpoint(self.streams.names, self.streams.next_number,
-                                                   self.streams.first_position, states))
+        try:
+            ckpt.write(self.directory, ckpt.Checkpoint(
+                self.streams.names, self.streams.next_number, self.streams.first_position,
+                states))
+        except OSError as exc:
+            raise StorageError(checkpoint_path(self.directory), "write", exc) from exc
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -559,7 +583,10 @@ class Engine:
         report.streams = len(self.streams)
         report.events = position
         if report.scanned_bytes or report.rebuilt_indexes or not report.used_checkpoint:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except StorageError as exc:  # derived data: the next open scans again
+                log.warning("could not write a checkpoint after opening: %s", exc)
         report.seconds = time.monotonic() - started
 
     def _recreate_torn_segment(self, base: int, position: int) -> bool:

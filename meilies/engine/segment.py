@@ -118,8 +118,12 @@ class Segment:
         self.sync()
         entries = bytes(self.index.entries)
         sidx = sorted_stream_index(entries)
-        write_file(position_index_path(self.directory, self.base_position), entries)
-        write_file(stream_index_path(self.directory, self.base_position), sidx)
+        for path, data in ((position_index_path(self.directory, self.base_position), entries),
+                           (stream_index_path(self.directory, self.base_position), sidx)):
+            try:
+                write_file(path, data)
+            except OSError as exc:  # still active: a later roll tries again
+                raise StorageError(path, "write", exc) from exc
         os.close(self._fd)
         self._fd = None
         self.state = SegmentState(self.base_position, self.size, len(entries) // 24,

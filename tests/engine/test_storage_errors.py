@@ -154,3 +154,45 @@ def test_failed_sync_takes_back_unsynced_appends_under_always(tmp_path, fdatasyn
         assert read_everything(engine) == visible
         assert [e[0] for e in visible] == [b"kept"] * (kept + 1)
         assert engine.last_event_number(b"lost") is None
+
+
+CHECKPOINT_CHILD = r"""
+import json, resource, signal, sys
+from meilies.engine import Engine, StorageError
+
+directory, limit = sys.argv[1:]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+# Small segments, many streams: the checkpoint (every stream's name and counters)
+# outgrows the file size limit long before a segment does.
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
+engine = Engine.open(directory, fsync="no", segment_size=2000)
+report = {"appended": 0, "append_error": None}
+try:
+    for i in range(400):
+        engine.append(b"stream-%05d-with-a-long-name" % i, [(b"e", b"%d" % i)])
+        report["appended"] += 1
+except Exception as exc:
+    report["append_error"] = type(exc).__name__
+for call in ("checkpoint", "close"):
+    try:
+        getattr(engine, call)()
+        report[call] = None
+    except Exception as exc:
+        report[call] = type(exc).__name__
+print(json.dumps(report), flush=True)
+"""
+
+
+def test_checkpoint_that_cannot_be_written_loses_no_event(tmp_path):
+    """A roll's checkpoint is derived data: when it cannot be written the append still
+    succeeds (opening will scan more); an explicit checkpoint or close says so."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", CHECKPOINT_CHILD, str(tmp_path), "6000"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report == {"appended": 400, "append_error": None, "checkpoint": "StorageError",
+                      "close": "StorageError"}
+    with Engine.open(tmp_path) as engine:
+        assert len(engine.stream_names()) == 400
+        assert engine.stats()["events"] == 400
