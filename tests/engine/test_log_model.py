@@ -17,6 +17,7 @@ with ``everysec`` and ``no`` everything written is visible at once.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from engine_helpers import crash_copy, read_everything, resp_frame
-from meilies.engine import ANY, NO_STREAM, Engine, WrongExpectedVersion
+from meilies.engine import ANY, NO_STREAM, Engine, StorageError, WrongExpectedVersion
 from meilies.engine.files import CHECKPOINT_NAME
 
 STREAMS = [b"a", b"orders-17", "\u00e9t\u00e9".encode(), b"s" * 255, b"x-\xe2\x9c\x93", b"B"]
@@ -45,6 +46,7 @@ appends = st.tuples(st.just("append"), stream_indexes, batches,
 operations = st.one_of(
     appends, appends, appends, appends, appends,
     st.just(("sync",)),
+    st.just(("failed_sync",)),
     st.just(("checkpoint",)),
     st.just(("reopen",)),
     st.tuples(st.just("crash"), st.sampled_from([None, "checkpoint", "indexes"])),
@@ -76,8 +78,9 @@ class Model:
 class Run:
     """One example: an engine on a fresh directory, and its model."""
 
-    def __init__(self, root: Path, fsync: str, segment_size: int) -> None:
+    def __init__(self, root: Path, fsync: str, segment_size: int, fdatasync) -> None:
         self.root = root
+        self.fdatasync = fdatasync
         self.fsync = fsync
         self.segment_size = segment_size
         self.crashes = 0
@@ -120,6 +123,27 @@ class Run:
     def sync(self) -> None:
         assert self.engine.sync() == len(self.model.log)
         self.model.synced = len(self.model.log)
+
+    def failed_sync(self) -> None:
+        """An fdatasync that fails (EIO): under ``always`` every append since the last
+        successful sync is taken back; under the other policies they stay."""
+        durable = self.engine.durable_position
+        self.fdatasync.failing = True
+        try:
+            if durable < len(self.model.log):
+                with pytest.raises(StorageError):
+                    self.engine.sync()
+            else:  # nothing to make durable: no fdatasync to fail
+                assert self.engine.sync() == durable
+        finally:
+            self.fdatasync.failing = False
+        if self.fsync == "always":
+            del self.model.log[durable:]
+            self.model.written = {}
+            for stream, number, _name, _data in self.model.log:
+                self.model.written[stream] = number + 1
+        assert self.engine.written_position == len(self.model.log)
+        self.model.synced = min(self.model.synced, len(self.model.log))
 
     def checkpoint(self) -> None:
         self.engine.checkpoint()
@@ -244,9 +268,30 @@ class Run:
         self.check_counters()
 
 
-def run_operations(tmp_path: Path, fsync: str, segment_size: int, steps) -> None:
+class FailingFdatasync:
+    """Stands in for ``os.fdatasync`` (the system call, not the engine): fails with EIO
+    while ``failing`` is set. A healthy disk gives no other way to see a sync fail."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.failing = False
+
+    def __call__(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        self.real(fd)
+
+
+@pytest.fixture
+def fdatasync(monkeypatch) -> FailingFdatasync:
+    stand_in = FailingFdatasync(os.fdatasync)
+    monkeypatch.setattr(os, "fdatasync", stand_in)
+    return stand_in
+
+
+def run_operations(tmp_path: Path, fsync: str, segment_size: int, steps, fdatasync) -> None:
     root = Path(tempfile.mkdtemp(dir=tmp_path))
-    run = Run(root, fsync, segment_size)
+    run = Run(root, fsync, segment_size, fdatasync)
     try:
         for operation in steps:
             run.step(operation)
@@ -261,8 +306,9 @@ def run_operations(tmp_path: Path, fsync: str, segment_size: int, steps) -> None
           phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(steps=st.lists(operations, min_size=1, max_size=60), segment_size=st.integers(300, 2000))
-def test_random_operations_match_the_model(tmp_path, fsync_policy, steps, segment_size):
-    run_operations(tmp_path, fsync_policy, segment_size, steps)
+def test_random_operations_match_the_model(tmp_path, fdatasync, fsync_policy, steps,
+                                          segment_size):
+    run_operations(tmp_path, fsync_policy, segment_size, steps, fdatasync)
 
 
 def test_appends_with_always_become_visible_only_after_sync(tmp_path):
