@@ -717,7 +717,8 @@ class Engine:
             if isinstance(record, BadRecord):
                 offset = record.offset
                 if last and offset >= covered and \
-                        valid_record_after(buf, offset, file_size) is None:
+                        valid_record_after(buf, offset, file_size,
+                                           min_position=position + 1) is None:
                     break
                 raise CorruptRecord(segment.path, offset, record.reason)
             self._apply_record(segment, record, position, apply=record.offset >= covered)

@@ -120,17 +120,22 @@ def iter_records(buf, start: int, end: int, *, deep: bool = False
         offset = result.end
 
 
-def valid_record_after(buf, offset: int, end: int) -> int | None:
+def valid_record_after(buf, offset: int, end: int, *, min_position: int = 0) -> int | None:
     """Offset of the first valid record that starts after ``offset``, or None.
 
     Searches for the record magic byte by byte, as the only way to tell damage in the
-    middle of a log from a torn write at its end.
+    middle of a log from a torn write at its end. Pass ``min_position``, the global
+    position just past the first event of the bad record at ``offset``: a record the
+    log wrote after it starts there or later, whereas a record held inside an event's
+    data (a backup of a segment, say) and laid bare by a torn write was written
+    earlier, so it starts before, and must not turn a torn tail into damage.
     """
     at = offset + 1
     while True:
         at = buf.find(RECORD_MAGIC, at, end)
         if at < 0:
             return None
-        if isinstance(check_record(buf, at, end), ScannedRecord):
+        found = check_record(buf, at, end)
+        if isinstance(found, ScannedRecord) and found.header.base_position >= min_position:
             return at
         at += 1

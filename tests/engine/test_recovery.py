@@ -186,3 +186,28 @@ def test_segment_cut_short_while_being_created_is_recreated(tmp_path, fsync_poli
         assert read_everything(engine) == crashed.events
     assert len(segment_files(crashed.directory)) == 2
     assert_appends_continue(crashed.directory, fsync_policy, 1 << 20, crashed.events)
+
+
+def test_torn_event_whose_data_holds_a_whole_record_is_a_torn_tail(tmp_path):
+    """Event data may be anything, a MeiliES record included (a backup of a segment, a
+    test fixture). A crash that cuts such an event after the embedded record must not
+    make the embedded record pass for a valid one that follows damage."""
+    source = tmp_path / "live"
+    engine = Engine.open(source)
+    engine.append(b"orders", [(b"created", b"1")])
+    engine.sync()
+    embedded = fmt.encode_record(b"orders", 0, 0, 0, [(b"created", b"1")]).data
+    engine.append(b"backups", [(b"segment", embedded + b"and more data after it")])
+    engine.sync()
+    events = read_everything(engine)
+    crashed = crash_copy(source, tmp_path / "crashed")
+    engine.close()
+    segment = newest_segment(crashed)
+    last = record_spans(segment)[-1]
+    data_end = last.end - 2  # the frame's closing \r\n
+    truncate_file(segment, data_end - 5)
+    with Engine.open(crashed) as engine:
+        [report] = engine.open_report.recovered
+        assert (report.valid_bytes, report.truncated_bytes) == (last.offset,
+                                                                data_end - 5 - last.offset)
+        assert read_everything(engine) == events[:1]
