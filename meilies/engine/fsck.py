@@ -65,7 +65,8 @@ from typing import ClassVar
 
 from . import checkpoint as ckpt
 from . import format as fmt
-from .errors import CorruptIndex, DirectoryLocked, EngineError, InvalidArgument
+from .errors import (CorruptIndex, DirectoryLocked, EngineError, InvalidArgument,
+                     UnsupportedFormatVersion)
 from .files import (CHECKPOINT_NAME, LOCK_NAME, POSITION_INDEX_SUFFIX, SEGMENT_SUFFIX,
                     STREAM_INDEX_SUFFIX, TEMP_SUFFIX, DirectoryLock, checkpoint_path,
                     fsync_directory, position_index_path, segment_path, stream_index_path)
@@ -129,8 +130,10 @@ class Problem:
     reason: str
 
     def describe(self) -> str:
+        """One line: what, which file, where, why (``redis-check-aof`` style)."""
+        name = self.noun if self.path.name == self.noun else f"{self.noun} {self.path.name}"
         at = "" if self.offset is None else f" offset={self.offset}"
-        return f'{self.noun} {self.path.name}:{at} reason="{self.reason}"'
+        return f'{name}:{at} reason="{self.reason}"'
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "severity": self.severity, "repairable": self.repairable,
@@ -227,9 +230,7 @@ class EventRange:
     def describe(self) -> str:
         what = f"event {self.first}" if self.first == self.last else \
             f"events {self.first}..{self.last}"
-        name = self.stream.decode("utf-8", "replace")
-        return f"{what} of stream '{name}'" + ("" if self.verified else
-                                              " (as the damaged record's header says)")
+        return f"{what} of stream '{self.stream.decode('utf-8', 'replace')}'"
 
     def to_dict(self) -> dict:
         return {"stream": self.stream.decode("utf-8", "replace"), "first": self.first,
@@ -247,7 +248,8 @@ class Removal:
     delete: list[tuple[Path, int]] = field(default_factory=list)
     #: Per stream, in order of first appearance after the cut.
     events: list[EventRange] = field(default_factory=list)
-    #: Bytes after the cut that no record header could be decoded from.
+    #: Bytes after the cut that no record header could be decoded from (the bytes of a
+    #: record whose checks fail but whose header still names its events are not counted).
     undecodable_bytes: int = 0
 
     @property
@@ -1112,7 +1114,8 @@ class _Verifier:
 
 def _decode_removed(buf, at: int, end: int, ranges: dict[bytes, EventRange]) -> int:
     """Add the events of records in ``buf[at:end]`` to ``ranges``; return the bytes
-    that hold no decodable record (a damaged record's header still names its events)."""
+    that no record header accounts for (a damaged record's header still names its
+    events, marked unverified)."""
     undecodable = 0
     while at < end:
         record = check_record(buf, at, end)
@@ -1126,7 +1129,8 @@ def _decode_removed(buf, at: int, end: int, ranges: dict[bytes, EventRange]) -> 
             _add_range(ranges, *claimed, False)
         after = valid_record_after(buf, at, end)
         stop = end if after is None else after
-        undecodable += stop - at
+        if claimed is None:
+            undecodable += stop - at
         at = stop
     return undecodable
 
@@ -1174,7 +1178,8 @@ def _worker_count(total_bytes: int) -> int:
 
 
 def _segment_header_reason(path: Path, base: int, size: int) -> str | None:
-    """Why the segment header is bad, or None."""
+    """Why the segment header is bad, or None. Raises :class:`UnsupportedFormatVersion`
+    for an intact header of a version this code cannot read (never "repaired")."""
     with open(path, "rb") as handle:
         raw = handle.read(fmt.SEGMENT_HEADER_SIZE)
     if len(raw) < fmt.SEGMENT_HEADER_SIZE:
@@ -1184,9 +1189,8 @@ def _segment_header_reason(path: Path, base: int, size: int) -> str | None:
         return "not a MeiliES segment (bad magic)"
     if not header.checksum_ok or header.header_size != fmt.SEGMENT_HEADER_SIZE:
         return "segment header checksum mismatch"
-    if header.version not in fmt.FORMAT_HISTORY:
-        return f"segment format version {header.version} (this fsck reads" \
-               f" {sorted(fmt.FORMAT_HISTORY)})"
+    if header.version not in fmt.FORMAT_HISTORY:  # intact, and newer: not ours to cut
+        raise UnsupportedFormatVersion(path, header.version, fmt.FORMAT_VERSION)
     if header.base_position != base:
         return f"header says base position {header.base_position}, the file name {base}"
     return None
