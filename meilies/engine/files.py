@@ -32,6 +32,9 @@ CHECKPOINT_NAME = "checkpoint"
 TEMP_SUFFIX = ".tmp"
 
 _SEGMENT_FILE = re.compile(r"^(\d{20})\.(seg|pidx|sidx)$")
+#: The temporary files the engine writes (index.write_file, checkpoint.write): only
+#: these are removed on open; any other name ending in .tmp is someone else's file.
+_TEMP_FILE = re.compile(r"^(checkpoint|\d{20}\.(pidx|sidx))\.tmp$")
 
 
 def _stem(base_position: int) -> str:
@@ -67,7 +70,7 @@ def list_segments(directory: Path, *, remove_temp: bool = False) -> list[int]:
         name = entry.name
         if name in (LOCK_NAME, CHECKPOINT_NAME):
             continue
-        if name.endswith(TEMP_SUFFIX):
+        if _TEMP_FILE.match(name) and entry.is_file():
             if remove_temp:
                 os.unlink(entry.path)
             continue

@@ -272,3 +272,15 @@ def test_closed_engine_refuses_every_call_and_closes_twice(tmp_path):
                  lambda: list(engine.read_stream(b"alpha"))):
         with pytest.raises(EngineClosed):
             call()
+
+
+@pytest.mark.parametrize("name", ["notes.tmp", "00000000000000000000.seg.tmp", "LOCK.tmp"])
+def test_stray_file_ending_in_tmp_is_foreign_and_kept(tmp_path, name):
+    """Only the engine's own temporary files are removed on open; anything else that
+    happens to end in .tmp is someone else's and is neither deleted nor accepted."""
+    write_rolling_log(tmp_path)
+    (tmp_path / name).write_bytes(b"someone's data")
+    with pytest.raises(ForeignFile) as caught:
+        Engine.open(tmp_path)
+    assert caught.value.path == tmp_path / name
+    assert (tmp_path / name).read_bytes() == b"someone's data"
