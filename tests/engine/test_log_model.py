@@ -28,7 +28,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from engine_helpers import crash_copy, read_everything, resp_frame
+from engine_helpers import (crash_copy, newest_segment, read_everything, record_spans, resp_frame,
+                            truncate_file)
 from meilies.engine import ANY, NO_STREAM, Engine, StorageError, WrongExpectedVersion
 from meilies.engine.files import CHECKPOINT_NAME
 
@@ -50,6 +51,7 @@ operations = st.one_of(
     st.just(("checkpoint",)),
     st.just(("reopen",)),
     st.tuples(st.just("crash"), st.sampled_from([None, "checkpoint", "indexes"])),
+    st.tuples(st.just("torn_crash"), st.floats(0, 1)),
     st.tuples(st.just("read_stream"), stream_indexes, st.integers(0, 25),
               st.one_of(st.none(), st.integers(0, 25))),
     st.tuples(st.just("stream_frames"), stream_indexes, st.integers(0, 25), st.integers(1, 5),
@@ -171,6 +173,36 @@ class Run:
         shutil.rmtree(self.directory)
         self.directory = copy
         self.engine = self._open()
+        self.model.synced = len(self.model.log)
+        self.check_everything()
+
+    def torn_crash(self, fraction: float) -> None:
+        """A crash that also tears the tail: the newest segment is cut somewhere in the
+        bytes no sync covered. Records cut are lost, every one before stays."""
+        durable = self.engine.durable_position
+        self.crashes += 1
+        copy = crash_copy(self.directory, self.root / f"crash-{self.crashes}")
+        newest = newest_segment(copy)
+        spans = record_spans(newest)
+        unsynced = [span for span in spans if span.base_position >= durable]
+        cut = None
+        if unsynced:
+            low, high = unsynced[0].offset, newest.stat().st_size
+            cut = low + int((high - low) * fraction)
+            truncate_file(newest, cut)
+            keep = next(span.base_position for span in spans if span.end > cut) \
+                if cut < high else len(self.model.log)
+            del self.model.log[keep:]
+            self.model.written = {}
+            for stream, number, _name, _data in self.model.log:
+                self.model.written[stream] = number + 1
+        self.engine.close()
+        shutil.rmtree(self.directory)
+        self.directory = copy
+        self.engine = self._open()
+        torn = cut is not None and cut not in {span.offset for span in spans} | {
+            spans[-1].end}
+        assert len(self.engine.open_report.recovered) == (1 if torn else 0)
         self.model.synced = len(self.model.log)
         self.check_everything()
 

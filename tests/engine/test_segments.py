@@ -284,3 +284,24 @@ def test_stray_file_ending_in_tmp_is_foreign_and_kept(tmp_path, name):
         Engine.open(tmp_path)
     assert caught.value.path == tmp_path / name
     assert (tmp_path / name).read_bytes() == b"someone's data"
+
+
+def test_frames_held_by_a_reader_survive_appends_rolls_and_close(tmp_path, fsync_policy):
+    """Zero-copy frames are views of a map: remapping the active segment, sealing it
+    and closing the engine must neither fail (BufferError) nor change their bytes."""
+    engine = Engine.open(tmp_path, fsync=fsync_policy, segment_size=SEGMENT_SIZE)
+    held = []
+    expected = []
+    for i in range(30):
+        engine.append(b"alpha", [(b"e", b"%d" % i * 20)])
+        engine.sync()
+        frames, _ = engine.stream_frames(b"alpha", i)
+        events = list(engine.read_stream(b"alpha", i))
+        held += frames + [events[0].data]
+        expected += [resp_frame(b"alpha", i, b"e", b"%d" % i * 20), b"%d" % i * 20]
+        all_frames, _ = engine.all_frames(i)
+        held += all_frames
+        expected += [resp_frame(b"alpha", i, b"e", b"%d" % i * 20)]
+    assert len(segment_files(tmp_path)) > 3
+    engine.close()
+    assert [bytes(view) for view in held] == expected
