@@ -208,3 +208,13 @@ def test_undamaged_log_opens_after_the_damage_tests_pattern(tmp_path):
     with Engine.open(tmp_path) as engine:
         assert len(read_everything(engine)) == 24
         assert engine.open_report.recovered == []
+
+
+def test_without_verify_on_open_the_scanned_tail_is_still_checked(tmp_path):
+    """verify_on_open=False skips hashing what the checkpoint covers; what opening
+    scans is checked record by record all the same."""
+    crashed = write_log_with_tail(tmp_path, 1 << 20, keep_checkpoint=True)
+    segment = newest_segment(crashed)
+    record = record_spans(segment)[-2]
+    flip_byte(segment, record.offset + 60)
+    assert_open_refused(crashed, CorruptRecord, segment, record.offset, verify_on_open=False)
