@@ -87,6 +87,11 @@ Progress = Callable[[int, int], None]
 _INDEX_FILE = re.compile(r"^(\d{20})(" + re.escape(SEGMENT_SUFFIX) + "|"
                          + re.escape(POSITION_INDEX_SUFFIX) + "|"
                          + re.escape(STREAM_INDEX_SUFFIX) + ")$")
+#: The engine's own leftovers of an atomic write (files.py removes these on open; any
+#: other name ending in .tmp is someone else's file).
+_TEMP_FILE = re.compile(r"^(" + re.escape(CHECKPOINT_NAME) + r"|\d{20}("
+                        + re.escape(POSITION_INDEX_SUFFIX) + "|"
+                        + re.escape(STREAM_INDEX_SUFFIX) + "))" + re.escape(TEMP_SUFFIX) + "$")
 #: What the header walk that plans the chunks reads of a record (format.py's layout):
 #: magic, body_length, count, first_number, stream_id.
 _WALK = struct.Struct("<4s12xII8xQI")
@@ -406,7 +411,7 @@ def _list_directory(directory: Path) -> _Listing:
             continue
         if name == CHECKPOINT_NAME:
             listing.has_checkpoint = True
-        elif name.endswith(TEMP_SUFFIX):
+        elif _TEMP_FILE.match(name) and entry.is_file(follow_symlinks=False):
             listing.temporary.append(name)
         elif match is None or not entry.is_file(follow_symlinks=False):
             listing.foreign.append(name)

@@ -442,3 +442,29 @@ def test_parallel_verify_catches_numbering_broken_across_chunks(data_dir, monkey
     assert report.events == len(events)
     assert [(r.stream, r.first, r.last) for r in report.removal.events] == \
         [(b"orders-2", 399, 400)]
+
+
+def test_progress_bar_goes_to_stderr_for_a_large_log(data_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    from meilies.cli import fsck as fsck_cli
+
+    write_events(data_dir)
+    monkeypatch.setattr(fsck_cli, "PROGRESS_MIN_BYTES", 0)  # every log is "large"
+    result = CliRunner().invoke(fsck_cli.main, [str(data_dir)])
+    assert result.exit_code == 0, result.output
+    assert "verifying" in result.stderr and "verifying" not in result.stdout
+    assert result.stdout.strip().endswith("clean")
+
+
+# -- docs/format.md stays true ------------------------------------------------------------------
+
+
+def test_format_doc_worked_example_is_what_the_encoder_writes():
+    doc = (Path(__file__).parents[2] / "docs" / "format.md").read_text()
+    block = doc.split("### Worked example\n", 1)[1].split("```\n", 2)[1]
+    dumped = bytes.fromhex("".join(line[10:57] for line in block.splitlines()[1:]))
+    record = fmt.encode_record(b"orders-17", 0, 0, 0, [(b"created", b'{"total":12}'),
+                                                      (b"paid", b"")],
+                               timestamp_ms=1795000000000)
+    assert dumped == fmt.encode_segment_header(0) + record.data
