@@ -65,15 +65,31 @@ def array_header(count: int) -> bytes:
 
 
 class RequestParser:
-    """Turns the bytes of one connection into requests (lists of ``bytes``)."""
+    """Turns the bytes of one connection into requests (lists of ``bytes``).
+
+    hiredis parses any RESP value, so an array it returns may have held simple
+    strings (``*1\r\n+PING\r\n`` comes back as ``[b"PING"]``, exactly like
+    ``*1\r\n$4\r\nPING\r\n``). Requests must be arrays of *bulk* strings: the cheap
+    check is that the requests hiredis completed take exactly the bytes their
+    canonical encoding takes (a simple string is shorter, hiredis refuses leading
+    zeros). Only when that fails, or hiredis raises, or a read ends inside a request,
+    does ``_scan`` walk the bytes in Python to find the offending request.
+    """
 
     def __init__(self, max_bulk: int) -> None:
         self.max_bulk = max_bulk
         self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
-        # Bytes fed to hiredis since it last held no partial request, and how many
-        # requests it has completed from them: what the length guard scans.
+        #: Bytes fed to hiredis since it last held no partial request (less a prefix
+        #: already verified and dropped, see ``_guard``): what ``_scan`` walks.
         self._partial = bytearray()
+        #: Requests hiredis completed that start in ``_partial``, and the sum of their
+        #: canonical encoded sizes.
         self._completed = 0
+        self._encoded = 0
+        #: ``_partial[:_verified]`` holds ``_verified_count`` requests that ``_scan``
+        #: found well-formed and hiredis completed.
+        self._verified = 0
+        self._verified_count = 0
         #: hiredis holds no part of a request. (``has_data()`` cannot tell: hiredis
         #: drops the bytes of an array's header and finished bulks while it waits.)
         self._clean = True
@@ -100,61 +116,111 @@ class RequestParser:
         reader.feed(data)
         self._partial += data
         self._clean = False
+        first = len(requests)  # requests[first:] are completed by this call
+        before = self._completed  # requests of _partial completed by earlier calls
         gets = reader.gets
         has_data = reader.has_data
         while True:
             try:
                 request = gets()
             except hiredis.ProtocolError as exc:
-                rest = self._after_completed()
-                if rest[:1] in (b"*", b""):
-                    raise ProtocolError(str(exc)) from None
-                # Not RESP but an inline command after RESP ones: go on from there.
-                self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
-                self._partial.clear()
-                self._completed = 0
-                self._clean = True
-                return rest
+                return self._resync(requests, first, before, str(exc))
             if request is NOT_ENOUGH_DATA:
                 break
             if type(request) is not list or not request:
-                raise ProtocolError("expected an array of bulk strings")
+                return self._resync(requests, first, before, "expected an array of bulk strings")
+            # The canonical size: *<count>CRLF, then $<len>CRLF<data>CRLF per element.
+            size = 3 + len(str(len(request))) + 5 * len(request)
             for item in request:
                 if type(item) is not bytes:
-                    raise ProtocolError("expected an array of bulk strings")
+                    return self._resync(requests, first, before,
+                                        "expected an array of bulk strings")
+                n = len(item)
+                size += n + (1 if n < 10 else len(str(n)))
             requests.append(request)
             self._completed += 1
+            self._encoded += size
             if not has_data():  # the data ended with this request: a clean boundary
                 self._clean = True
                 break
         if self._clean:
-            self._partial.clear()
-            self._completed = 0
+            if self._encoded != len(self._partial):
+                return self._resync(requests, first, before, None)
+            self._forget_partial()
         else:
-            self._guard_lengths()
+            self._guard(requests, first, before)
         return b""
 
-    def _after_completed(self) -> bytes:
-        """The bytes fed after the requests hiredis completed since the last clean point."""
-        at = 0
-        for _ in range(self._completed):
-            at = self._skip_request(self._partial, at, check=False)
-        return bytes(self._partial[at:])
+    def _forget_partial(self) -> None:
+        self._partial.clear()
+        self._completed = self._encoded = self._verified = self._verified_count = 0
 
-    def _guard_lengths(self) -> None:
-        """Check the announced lengths of the incomplete request (see module doc)."""
+    def _scan(self, requests: list[list[bytes]], first: int, before: int) -> tuple[int, int, bool]:
+        """Walk ``_partial`` from the verified prefix, request by request.
+
+        Returns ``(offset, count, inline)``: where the walk stopped, how many requests
+        start before that offset, and whether it stopped at a line that is not RESP
+        (an inline command). On a malformed request, drops it and every later one
+        from ``requests`` (the earlier ones run) and raises :class:`ProtocolError`.
+        """
         buf = self._partial
-        at = 0
-        for _ in range(self._completed):
-            at = self._skip_request(buf, at)
-            if at < 0:
-                return
-        self._skip_request(buf, at)
+        at, count = self._verified, self._verified_count
+        while at < len(buf):
+            if buf[at] != 0x2A:  # not '*'
+                return at, count, True
+            try:
+                end = self._skip_request(buf, at)
+            except ProtocolError:
+                del requests[first + max(count - before, 0):]
+                raise
+            if end < 0:
+                break
+            at = end
+            count += 1
+            if count <= self._completed:
+                self._verified, self._verified_count = at, count
+        return at, count, False
 
-    def _skip_request(self, buf: bytearray, at: int, check: bool = True) -> int:
+    def _resync(self, requests: list[list[bytes]], first: int, before: int,
+                reason: str | None) -> bytes:
+        """hiredis refused the data, or returned what is not a request: find out why.
+
+        Returns the bytes to go on with as inline commands, if that is what follows
+        the last good request.
+        """
+        at, count, inline = self._scan(requests, first, before)
+        if inline and count <= self._completed:  # else the scan passed what hiredis refused
+            del requests[first + max(count - before, 0):]
+            rest = bytes(self._partial[at:])
+            self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+            self._forget_partial()
+            self._clean = True
+            return rest
+        if reason is not None:
+            raise ProtocolError(reason)
+        self._forget_partial()  # sizes differed, yet nothing we check is wrong
+        return b""
+
+    def _guard(self, requests: list[list[bytes]], first: int, before: int) -> None:
+        """A read ended inside a request: check what was announced (see module doc)."""
+        at, _count, inline = self._scan(requests, first, before)
+        if inline and len(self._partial) - at > MAX_INLINE_LENGTH and \
+                self._partial.find(b"\n", at) < 0:
+            raise ProtocolError("too big inline request")
+        # Drop the verified prefix: a client that streams requests without ever
+        # pausing at a request boundary must not make each read rescan all before it.
+        verified = self._verified
+        if verified:
+            del self._partial[:verified]
+            self._encoded -= verified  # verified requests are canonically encoded
+            self._completed -= self._verified_count
+            self._verified = self._verified_count = 0
+
+    def _skip_request(self, buf: bytearray, at: int) -> int:
         """Offset after the request at ``at``, or -1 if it is incomplete.
 
-        With ``check``, announced lengths over the limits raise :class:`ProtocolError`.
+        Raises :class:`ProtocolError` for an element that is not a bulk string and for
+        announced lengths that are malformed or over the limits.
         """
         line_end = buf.find(CRLF, at)
         if line_end < 0:
@@ -162,7 +228,7 @@ class RequestParser:
                 raise ProtocolError("too big multibulk count")
             return -1
         count = _parse_length(buf, at + 1, line_end, "multibulk length")
-        if check and count > MAX_ARRAY_LENGTH:
+        if count <= 0 or count > MAX_ARRAY_LENGTH:
             raise ProtocolError("invalid multibulk length")
         at = line_end + 2
         for _ in range(count):
@@ -171,12 +237,12 @@ class RequestParser:
                 if len(buf) - at > 32:
                     raise ProtocolError("bulk length line too long")
                 return -1
-            if buf[at:at + 1] != b"$":
-                raise ProtocolError(f"expected '$', got {bytes(buf[at:at + 1])!r}")
+            if buf[at] != 0x24:  # not '$'
+                raise ProtocolError(f"expected '$', got '{chr(buf[at])}'")
             length = _parse_length(buf, at + 1, line_end, "bulk length")
             if length < 0:
                 raise ProtocolError("invalid bulk length")
-            if check and length > self.max_bulk:
+            if length > self.max_bulk:
                 raise ProtocolError(f"invalid bulk length {length} (at most {self.max_bulk})")
             at = line_end + 2 + length + 2
             if at > len(buf):
