@@ -1346,7 +1346,7 @@ def _rebuild(directory: Path, repair: RepairResult) -> None:
     except DirectoryLocked as exc:
         repair.error = f"log cut, but the rebuild could not start: {exc}"
         return
-    except EngineError as exc:
+    except (EngineError, OSError) as exc:
         repair.error = f"log cut, but the engine still refuses to open it: {exc}"
         return
     try:
