@@ -1,0 +1,178 @@
+"""Starting and stopping the real process: clean stops, refusals to start, damaged logs."""
+
+import re
+import signal
+import socket
+
+from serverproc import DEADLINE, ServerProcess, command, event_frame, subscribed, wait_for
+
+
+def publish_many(client, stream: str, count: int, size: int = 100) -> list[bytes]:
+    datas = [b"%s-%06d-" % (stream.encode(), i) + b"." * size for i in range(count)]
+    client.send(b"".join(command("publish", stream, "e", d) for d in datas))
+    client.expect(b"+OK\r\n" * count)
+    return datas
+
+
+def read_frames(client, stream: str, count: int) -> bytes:
+    client.send(command("subscribe", f"{stream}:0:{count}"))
+    client.expect(subscribed(stream.encode()))
+    return b"".join(client.read_reply() for _ in range(count))
+
+
+def frames(stream: bytes, datas: list[bytes]) -> bytes:
+    return b"".join(event_frame(stream, i, b"e", d) for i, d in enumerate(datas))
+
+
+def segments(data_dir) -> list:
+    return sorted(data_dir.glob("*.seg"))
+
+
+def failure_lines(server: ServerProcess) -> list[str]:
+    return [line for line in server.log().splitlines() if line.startswith("meilies-server:")]
+
+
+def info_field(client, key: str) -> str:
+    body = client.call("info").split(b"\r\n", 1)[1].decode()
+    return dict(line.split(":", 1) for line in body.splitlines() if ":" in line)[key]
+
+
+# -- clean stops --------------------------------------------------------------------------
+
+
+def test_sigterm_with_idle_and_subscribed_clients_exits_0_and_keeps_everything(start_server,
+                                                                              tmp_path):
+    server = start_server()
+    client = server.client()
+    datas = publish_many(client, "s", 200, size=1000)
+    idle = server.client()
+    live = server.client()
+    live.send(command("subscribe", "s:0", "$all"))
+    live.expect(subscribed(b"s") + subscribed(b"$all"))
+    # One that subscribed to a backlog and never reads, one mid-request.
+    stuck = server.client()
+    stuck.send(command("subscribe", "s:0", "s:0", "s:0"))
+    partial = server.client()
+    partial.send(command("publish", "s", "e", "never finished")[:-5])
+    wait_for(lambda: info_field(client, "subscribers") == "5", what="subscribers:5")
+    assert server.stop() == 0
+    for connection in (idle, live, partial, client):
+        assert connection.closed_by_peer()
+    assert "Traceback" not in server.log()
+    restarted = start_server(data_dir=tmp_path / "data")
+    reader = restarted.client()
+    assert read_frames(reader, "s", 200) == frames(b"s", datas)
+    assert reader.call("last-event-number", "s") == b"*3\r\n+last-event-number\r\n+s\r\n:199\r\n"
+
+
+def test_sigint_stops_cleanly_too(start_server, tmp_path):
+    server = start_server()
+    datas = publish_many(server.client(), "s", 10)
+    server.proc.send_signal(signal.SIGINT)
+    assert server.wait_exit(DEADLINE) == 0
+    restarted = start_server(data_dir=tmp_path / "data")
+    assert read_frames(restarted.client(), "s", 10) == frames(b"s", datas)
+
+
+def test_sigterm_while_publishers_pipeline_keeps_every_acknowledged_event(start_server, tmp_path):
+    server = start_server()
+    client = server.client()
+    datas = publish_many(client, "s", 50)
+    more = [b"more-%d" % i for i in range(2000)]
+    client.send(b"".join(command("publish", "s", "e", d) for d in more))
+    client.read_exactly(5)  # at least one more acknowledged: the stop comes mid-stream
+    assert server.stop() == 0
+    acked = 1
+    while True:
+        try:
+            if client.read_reply() != b"+OK\r\n":
+                break
+            acked += 1
+        except ConnectionError:
+            break
+    restarted = start_server(data_dir=tmp_path / "data")
+    reader = restarted.client()
+    reply = reader.call("last-event-number", "s")
+    stored_count = int(reply.rsplit(b":", 1)[1]) + 1
+    assert stored_count >= 50 + acked
+    assert read_frames(reader, "s", stored_count) == frames(b"s", (datas + more)[:stored_count])
+
+
+def test_a_missing_data_directory_is_created(start_server, tmp_path):
+    data_dir = tmp_path / "not-yet"
+    assert not data_dir.exists()
+    server = start_server(data_dir=data_dir)
+    assert server.client().call("publish", "s", "e", "x") == b"+OK\r\n"
+    assert segments(data_dir)
+
+
+# -- refusals to start ----------------------------------------------------------------------
+
+
+def test_a_port_already_in_use_exits_1_with_a_one_line_message(start_server, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server(port=port, wait=False)
+        assert server.wait_exit(DEADLINE) == 1
+    lines = failure_lines(server)
+    assert len(lines) == 1, server.log()
+    assert str(port) in lines[0] and "in use" in lines[0]
+    assert "Traceback" not in server.log()
+
+
+def test_a_locked_data_directory_exits_1_naming_the_lock(start_server, tmp_path):
+    first = start_server()
+    assert first.client().call("publish", "s", "e", "x") == b"+OK\r\n"
+    second = start_server(data_dir=tmp_path / "data", wait=False)
+    assert second.wait_exit(DEADLINE) == 1
+    lines = failure_lines(second)
+    assert len(lines) == 1, second.log()
+    assert "lock" in lines[0] and str(tmp_path / "data") in lines[0]
+    assert "Traceback" not in second.log()
+    # The first one is untouched.
+    assert first.client().call("last-event-number", "s") == \
+        b"*3\r\n+last-event-number\r\n+s\r\n:0\r\n"
+
+
+def test_a_byte_flipped_in_an_old_record_refuses_to_start_naming_file_and_offset(start_server,
+                                                                                tmp_path):
+    server = start_server()
+    client = server.client()
+    marker = b"FIRST-EVENT-PAYLOAD" + b"#" * 500
+    assert client.call("publish", "s", "e", marker) == b"+OK\r\n"
+    publish_many(client, "s", 20, size=500)
+    assert server.stop() == 0
+    segment = segments(tmp_path / "data")[0]
+    raw = bytearray(segment.read_bytes())
+    at = raw.index(marker) + 250
+    raw[at] ^= 0x01
+    segment.write_bytes(bytes(raw))
+
+    damaged = start_server(data_dir=tmp_path / "data", wait=False)
+    assert damaged.wait_exit(DEADLINE) == 1
+    lines = failure_lines(damaged)
+    assert len(lines) == 1, damaged.log()
+    assert segment.name in lines[0]
+    match = re.search(r"offset (\d+)", lines[0])
+    assert match and int(match.group(1)) <= at, lines[0]
+    assert "meilies-fsck" in lines[0]
+    assert "Traceback" not in damaged.log()
+
+
+def test_a_torn_record_at_the_tail_is_truncated_and_logged(start_server, tmp_path):
+    server = start_server()
+    client = server.client()
+    datas = publish_many(client, "s", 10, size=300)
+    server.kill()  # no clean stop: the tail is where a crash leaves it
+    segment = segments(tmp_path / "data")[-1]
+    raw = segment.read_bytes()
+    segment.write_bytes(raw[:-7])
+    restarted = start_server(data_dir=tmp_path / "data")
+    reader = restarted.client()
+    assert reader.call("last-event-number", "s") == b"*3\r\n+last-event-number\r\n+s\r\n:8\r\n"
+    assert read_frames(reader, "s", 9) == frames(b"s", datas[:9])
+    assert "truncated" in restarted.log()
+    assert reader.call("publish", "s", "e", "again") == b"+OK\r\n"
+    assert reader.call("last-event-number", "s") == b"*3\r\n+last-event-number\r\n+s\r\n:9\r\n"
