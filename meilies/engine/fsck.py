@@ -1030,7 +1030,8 @@ class _Verifier:
 
         if state.size > segment.end:
             if self.cut is None or self.cut[0] != segment.k:
-                wrong(f"covers {state.size} bytes, the segment has {segment.end}")
+                wrong(f"covers {state.size} bytes, the segment has {segment.end}: events"
+                      " it counted are missing from the log")
             return  # it covers bytes the repair removes; it is deleted with them
         if not last_listed and state.size != segment.size:
             wrong(f"says the sealed segment is {state.size} bytes, it is {segment.size}")

@@ -67,6 +67,12 @@ def flip_byte(path: Path, offset: int) -> None:
         handle.write(bytes([byte[0] ^ 0x5A]))
 
 
+def fix_checksum(raw: bytearray, offset: int, size: int) -> None:
+    """Recompute a record's checksum after its bytes were changed on purpose."""
+    digest = fmt.record_checksum(bytes(raw), offset, size)
+    raw[offset + fmt.CHECKSUM_OFFSET:offset + fmt.CHECKSUM_END] = digest.to_bytes(8, "little")
+
+
 def append_torn_record(segment: Path, stream: bytes, stream_id: int, position: int,
                        number: int, keep_short_by: int = 20) -> int:
     """Append a record minus its last bytes, as a crash mid-write leaves it; its size."""
@@ -213,6 +219,23 @@ def test_checksummed_record_that_breaks_numbering_is_damage(data_dir):
     code, report = json_report(data_dir, "--repair")
     assert code == 0 and report["repaired"] and report["after"]["clean"]
     assert read_all(data_dir) == events
+
+
+def test_frame_that_contradicts_its_header_under_a_valid_checksum_is_damage(data_dir):
+    """The deep check: a frame spelling the wrong number, re-checksummed (FixChecksum)."""
+    write_events(data_dir)
+    segment = segment_files(data_dir)[0]
+    offset, size, header = record_spans(segment)[4]
+    raw = bytearray(segment.read_bytes())
+    frame = raw.index(b"\r\n:%d\r\n" % header.first_number, offset)
+    raw[frame + 3] = ord("7") if raw[frame + 3] != ord("7") else ord("8")
+    fix_checksum(raw, offset, size)
+    segment.write_bytes(bytes(raw))
+    code, report = json_report(data_dir)
+    assert code == 1
+    problem = report["problems"][0]
+    assert (problem["file"], problem["offset"]) == (segment.name, offset)
+    assert problem["reason"] == "event 0 frame does not match its header"
 
 
 def test_damaged_segment_header_removes_that_segment_and_later_ones(data_dir):
