@@ -12,8 +12,9 @@ define (``docs/format.md`` says the same in prose):
   each stream's numbers contiguous from 0; stream id <-> name one-to-one, ids dense in
   order of creation. The first record that fails is the *cut*: everything from it to
   the end of the log is what ``--repair`` removes. It is a *torn tail* when it sits in
-  the newest segment with no valid record after it (an interrupted write; the engine
-  would drop it on open), *damage* otherwise. Both are reported.
+  the newest segment with no valid record after it, past what the checkpoint says was
+  complete (an interrupted write; the engine would drop it on open), *damage*
+  otherwise. Both are reported.
 * **Derived files**, checked only for the part of the log before the cut (after it they
   are rebuilt anyway): a sealed segment's ``.pidx`` must equal the entries regenerated
   from its records, byte for byte, and its ``.sidx`` the same entries sorted by
@@ -37,9 +38,11 @@ verifies again; ``report.repair`` says exactly what was removed, ``report.after`
 the fresh report.
 
 Speed. The deep per-record check is Python (about 1.7 us per 100-byte event here), so
-the records are checked in record-aligned chunks by one worker process per core; the
-parent only merges per-chunk summaries (per record, not per event) and compares whole
-index files as bytes against entries the workers regenerate with array operations.
+records are checked in record-aligned chunks by one worker process per core. A worker
+regenerates its chunk's index entries with array slicing (no Python per entry) and
+compares them as bytes with its slice of the ``.pidx`` and, record by record, with the
+``.sidx`` runs whose places a header walk planned. The parent merges per-chunk
+summaries: per record and per stream, never per event.
 
 Not thread-safe; holds the directory's lock (``files.DirectoryLock``) while it reads.
 """
