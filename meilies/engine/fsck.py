@@ -802,12 +802,12 @@ class _Verifier:
             self.progress(0, total)
         tasks = (task for k in range(len(self.listing.bases)) for task in self._plan(k))
         _build_counting()
-        workers = _worker_count(total)
-        if workers > 1:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                self._merge_all(pool.imap(_verify_chunk, tasks), total)
-        else:
+        pool = _start_pool(_worker_count(total))
+        if pool is None:
             self._merge_all(map(_verify_chunk, tasks), total)
+        else:
+            with pool:
+                self._merge_all(pool.imap(_verify_chunk, tasks), total)
         if self.progress:
             self.progress(total, total)
         if self.cut is not None:
@@ -1192,6 +1192,17 @@ def _add_range(ranges: dict[bytes, EventRange], stream: bytes, first: int, count
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _start_pool(workers: int):
+    """A pool of forked workers, or None: one core, a small log, or no way to fork one
+    (no /dev/shm for its semaphores, a platform without fork): then fsck runs inline."""
+    if workers < 2:
+        return None
+    try:
+        return multiprocessing.get_context("fork").Pool(workers)
+    except (OSError, ImportError, ValueError):
+        return None
 
 
 def _worker_count(total_bytes: int) -> int:
