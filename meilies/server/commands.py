@@ -20,7 +20,7 @@ from ..engine import ANY, NO_STREAM
 from ..engine.errors import InvalidArgument
 from ..engine.names import check_stream_name
 from . import resp
-from .errors import WRONGPASS, CommandError
+from .errors import NOAUTH, WRONGPASS, CommandError
 from .subscription import parse_spec
 
 if TYPE_CHECKING:
@@ -119,6 +119,56 @@ def auth(conn: Connection, args: list[bytes]) -> bytes:
     return WRONGPASS
 
 
+def hello(conn: Connection, args: list[bytes]) -> bytes:
+    """``HELLO [protover [AUTH username password] [SETNAME name]]``: the handshake.
+
+    redis-py 8 opens every connection with ``HELLO 3`` (``HELLO 3 AUTH default
+    <password>`` when it has a password) and gives up if that fails. Every reply of
+    ours is also valid RESP3 (simple strings, errors, integers, bulk strings, arrays,
+    the ``$-1`` nil), so both versions are accepted; only this reply differs (a map
+    for 3, a flat array for 2), and nothing else changes on the connection.
+    """
+    version = 2
+    if len(args) >= 2:
+        raw = args[1]
+        if not (raw.isdigit() and raw.isascii() and len(raw) <= 9):
+            raise CommandError("ERR Protocol version is not an integer or out of range")
+        version = int(raw)
+        if version not in (2, 3):
+            raise CommandError("NOPROTO unsupported protocol version")
+    credentials = None
+    at = 2
+    while at < len(args):
+        option = args[at].lower()
+        if option == b"auth" and at + 2 < len(args):
+            credentials = (args[at + 1], args[at + 2])
+            at += 3
+        elif option == b"setname" and at + 1 < len(args):
+            at += 2
+        else:
+            name = args[at].decode("utf-8", "replace")
+            raise CommandError(f"ERR Syntax error in HELLO option '{name}'")
+    password = conn.server.config.requirepass
+    if credentials is not None and password is not None:
+        user, given = credentials
+        if user != b"default" or not hmac.compare_digest(given, password.encode()):
+            return WRONGPASS
+        conn.authenticated = True
+    if not conn.authenticated:
+        return NOAUTH
+    fields = [
+        (b"server", resp.bulk(b"meilies")),
+        (b"version", resp.bulk(__version__.encode())),
+        (b"proto", resp.integer(version)),
+        (b"id", resp.integer(id(conn))),
+        (b"mode", resp.bulk(b"standalone")),
+        (b"role", resp.bulk(b"master")),
+        (b"modules", resp.EMPTY_ARRAY),
+    ]
+    header = b"%%%d\r\n" % len(fields) if version == 3 else resp.array_header(2 * len(fields))
+    return header + b"".join(resp.bulk(key) + value for key, value in fields)
+
+
 def command(conn: Connection, args: list[bytes]) -> bytes:
     if len(args) >= 2 and args[1].lower() == b"count":
         return resp.integer(len(COMMANDS))
@@ -156,6 +206,7 @@ _TABLE = [
     Command("ping", ping, 1, 2),
     Command("quit", quit_, 1, None, before_auth=True),
     Command("auth", auth, 2, 3, before_auth=True),
+    Command("hello", hello, 1, None, before_auth=True),
     Command("command", command, 1, None),
     Command("info", info, 1, 2, reads=True),
 ]

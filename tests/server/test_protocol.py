@@ -338,3 +338,63 @@ def test_a_subscribed_connection_can_still_publish_and_query(server):
     # The reply and the event share the connection; both come, each whole.
     got = {client.read_reply(), client.read_reply()}
     assert got == {b"+OK\r\n", event_frame(b"s", 0, b"mine", b"y")}
+
+
+# -- HELLO (redis-py 8 and redis-cli -3 open every connection with it) ----------------------
+
+
+def hello_fields(version: int) -> list[bytes]:
+    return [b"$6\r\nserver\r\n$7\r\nmeilies\r\n", b"$7\r\nversion\r\n", b"$5\r\nproto\r\n:%d\r\n"
+            % version, b"$2\r\nid\r\n:", b"$4\r\nmode\r\n$10\r\nstandalone\r\n",
+            b"$4\r\nrole\r\n$6\r\nmaster\r\n", b"$7\r\nmodules\r\n*0\r\n"]
+
+
+def read_hello(client) -> tuple[bytes, bytes]:
+    """The header line and the body of a HELLO reply (RawClient knows no RESP3 map:
+    a map of 7 pairs is read as an array of 14 values)."""
+    first = client.read_exactly(1)
+    header = first + client.read_exactly(3 if first == b"%" else 4)
+    assert header in (b"*14\r\n", b"%7\r\n"), header
+    client.buffer = b"*14\r\n" + client.buffer
+    return header, client.read_reply()[5:]
+
+
+@pytest.mark.parametrize("args, version, header", [
+    ((), 2, b"*14\r\n"), (("2",), 2, b"*14\r\n"), (("3",), 3, b"%7\r\n"),
+    (("3", "SETNAME", "me"), 3, b"%7\r\n"),
+])
+def test_hello_answers_the_handshake_for_protocol_2_and_3(server, args, version, header):
+    client = server.client()
+    client.send(command("hello", *args))
+    got_header, body = read_hello(client)
+    assert got_header == header
+    for field in hello_fields(version):
+        assert field in body, field
+    assert client.call("publish", "s", "e", "x") == b"+OK\r\n"
+    assert client.call("last-event-number", "nil") == \
+        b"*3\r\n+last-event-number\r\n+nil\r\n$-1\r\n"
+
+
+@pytest.mark.parametrize("args, reply", [
+    (("4",), b"-NOPROTO unsupported protocol version\r\n"),
+    (("1",), b"-NOPROTO unsupported protocol version\r\n"),
+    (("x",), b"-ERR Protocol version is not an integer or out of range\r\n"),
+    (("3", "bogus"), b"-ERR Syntax error in HELLO option 'bogus'\r\n"),
+    (("3", "AUTH", "default"), b"-ERR Syntax error in HELLO option 'AUTH'\r\n"),
+])
+def test_hello_with_bad_arguments_is_an_error(server, args, reply):
+    client = server.client()
+    assert client.call("hello", *args) == reply
+    assert client.call("ping") == b"+PONG\r\n"
+
+
+def test_hello_authenticates_with_requirepass(start_server):
+    server = start_server("--requirepass", "pw")
+    client = server.client()
+    assert client.call("hello", "3") == b"-NOAUTH Authentication required.\r\n"
+    assert client.call("hello", "3", "AUTH", "default", "nope") == \
+        b"-WRONGPASS invalid password\r\n"
+    assert client.call("ping") == b"-NOAUTH Authentication required.\r\n"
+    client.send(command("hello", "3", "AUTH", "default", "pw"))
+    assert read_hello(client)[0] == b"%7\r\n"
+    assert client.call("ping") == b"+PONG\r\n"
