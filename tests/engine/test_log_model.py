@@ -60,7 +60,7 @@ operations = st.one_of(
               st.one_of(st.none(), st.integers(1, 6))),
 )
 
-EXAMPLES = int(os.environ.get("MEILIES_MODEL_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("MEILIES_MODEL_EXAMPLES", "120"))
 
 
 @dataclass
