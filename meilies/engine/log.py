@@ -554,6 +554,7 @@ class Engine:
             self.segments.append(Segment.create(self.directory, 0))
             self._bases.append(0)
         position = 0
+        sealed_here = False  # a segment full but unsealed at the crash was sealed now
         for k, base in enumerate(bases):
             last = k == len(bases) - 1
             state = checkpoint.segments[k] if checkpoint and k < len(checkpoint.segments) \
@@ -573,6 +574,7 @@ class Engine:
             position = self._open_by_scan(segment, state, position, last)
             if not last:
                 segment.seal()
+                sealed_here = True
         active = self.segments[-1]
         if not active.is_active:
             active.activate()
@@ -582,7 +584,8 @@ class Engine:
         report.segments = len(self.segments)
         report.streams = len(self.streams)
         report.events = position
-        if report.scanned_bytes or report.rebuilt_indexes or not report.used_checkpoint:
+        if (report.scanned_bytes or report.rebuilt_indexes or report.recovered or sealed_here
+                or not report.used_checkpoint):
             try:
                 self.checkpoint()
             except StorageError as exc:  # derived data: the next open scans again

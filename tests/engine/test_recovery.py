@@ -16,6 +16,7 @@ import pytest
 from engine_helpers import (RecordSpan, append_garbage, copy_dir, crash_copy, newest_segment,
                             read_everything, record_spans, segment_files, truncate_file)
 from meilies.engine import NO_STREAM, Engine
+from meilies.engine import checkpoint as ckpt
 from meilies.engine import format as fmt
 from meilies.engine.files import CHECKPOINT_NAME
 
@@ -176,6 +177,7 @@ def test_segment_cut_short_while_being_created_is_recreated(tmp_path, fsync_poli
     """
     crashed = write_crashed_log(tmp_path, fsync_policy, 1 << 20, last_stream=b"fresh",
                                 keep_checkpoint=True)
+    Engine.open(crashed.directory, fsync=fsync_policy).close()  # a checkpoint covers all
     next_base = len(crashed.events)
     torn = crashed.directory / newest_segment(crashed.directory).name.replace(
         "%020d" % 0, "%020d" % next_base)
@@ -184,6 +186,10 @@ def test_segment_cut_short_while_being_created_is_recreated(tmp_path, fsync_poli
         [report] = engine.open_report.recovered
         assert report.path == torn and report.truncated_bytes == left
         assert read_everything(engine) == crashed.events
+        # The open's own checkpoint (not close's) already knows the sealed segment
+        # and the recreated one.
+        [sealed, active] = ckpt.read(crashed.directory).segments
+        assert sealed.sidx_hash != 0 and active.base_position == next_base
     assert len(segment_files(crashed.directory)) == 2
     assert_appends_continue(crashed.directory, fsync_policy, 1 << 20, crashed.events)
 
