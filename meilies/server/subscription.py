@@ -19,6 +19,10 @@ from .errors import CommandError
 from .notify import Notifier
 
 
+#: About how many bytes of frames one ``send`` gets (the engine's read size for a stream).
+SEND_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Spec:
     """``stream`` (None for ``$all``), first number (None: live only), stop (exclusive)."""
@@ -98,4 +102,22 @@ def _serve_all(spec, engine, wakeup, send, position) -> None:
             continue
         position = after
         if frames:
-            send(frames)
+            _send_in_pieces(send, frames)
+
+
+def _send_in_pieces(send, frames: list[memoryview]) -> None:
+    """Send ``frames`` about ``SEND_BYTES`` at a time.
+
+    ``all_frames`` bounds a read by its event count only (4096 events: up to 4 GiB of
+    1 MiB events), and ``send`` copies what it is given into one buffer before it
+    blocks on a slow socket. The views themselves are the log's mmap, not memory of
+    ours; a piece at a time keeps the copy at about ``SEND_BYTES``.
+    """
+    start = size = 0
+    for i, frame in enumerate(frames):
+        size += frame.nbytes
+        if size >= SEND_BYTES:
+            send(frames[start:i + 1])
+            start, size = i + 1, 0
+    if start < len(frames):
+        send(frames[start:])

@@ -238,6 +238,26 @@ def test_a_subscriber_that_never_reads_neither_grows_the_server_nor_slows_others
     assert slow.call("ping") == b"+PONG\r\n"
 
 
+@pytest.mark.parametrize("spec", ["$all:0", "big:0"])
+def test_catching_up_on_large_events_without_reading_buffers_no_backlog(start_server, spec):
+    server = start_server("--fsync", "no")
+    client = server.client()
+    datas = [(b"%04d" % i) * (1024 * 1024 // 4 - 64) for i in range(100)]  # ~100 MB
+    for data in datas:
+        assert client.call("publish", "big", "e", data) == b"+OK\r\n"
+    anon_before = rss_anon_kib(server)
+    slow = slow_client(server.port)
+    slow.send(command("subscribe", spec))
+    slow.expect(subscribed(spec.split(":")[0].encode()))
+    # Once INFO counts it, the subscription has read its first batch and is blocked
+    # sending it to a client that does not read.
+    wait_for(lambda: info_field(client, "subscribers") == "1", what="subscribers:1")
+    assert client.call("ping") == b"+PONG\r\n"
+    assert rss_anon_kib(server) - anon_before < 40 * 1024
+    expect_stream_bytes(slow, b"".join(event_frame(b"big", i, b"e", d)
+                                       for i, d in enumerate(datas)))
+
+
 # -- crash ---------------------------------------------------------------------------------
 
 
