@@ -76,6 +76,26 @@ TS_RE = re.compile(rb"\$100\r\nT(\d{19})")
 TS_PAD = b"y" * (DATA_LEN - 20)
 
 
+#: Every run's value behind each figure, for the "runs" section of the report.
+RAW: dict[str, dict[str, list]] = {}
+
+
+def summarize(name: str, m_runs: list[dict], r_runs: list[dict], key: str,
+              digits: int = 3) -> dict:
+    """The figure for ``key`` (median over runs); every run's value goes to ``RAW``."""
+    m = [r[key] for r in m_runs]
+    rd = [r[key] for r in r_runs]
+    RAW[name] = {"meilies": [None if v is None else round(v, digits) for v in m],
+                 "redis": [None if v is None else round(v, digits) for v in rd]}
+    return figure(median(m), median(rd), digits)
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run whose ``key`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]
+
+
 class Settings:
     def __init__(self, quick: bool, runs: int) -> None:
         self.quick = quick
@@ -268,16 +288,15 @@ def scenario_publish(cfg: Settings, workdir: Path, results: dict, cpu_notes: dic
             section = {}
             for depth in (1, 64):
                 m, rd = runs[("meilies", depth)], runs[("redis", depth)]
-                section[f"depth{depth}_events_per_s"] = figure(
-                    median([r["events_per_s"] for r in m]),
-                    median([r["events_per_s"] for r in rd]), 1)
+                name = f"publish.fsync_{policy}.depth{depth}"
+                section[f"depth{depth}_events_per_s"] = summarize(
+                    f"{name}.events_per_s", m, rd, "events_per_s", 1)
                 if depth == 1:
                     for q in ("p50", "p99"):
-                        section[f"depth1_ack_{q}_ms"] = figure(
-                            median([r[f"{q}_ms"] for r in m]),
-                            median([r[f"{q}_ms"] for r in rd]), 4)
-                cpu_notes[f"publish.fsync_{policy}.depth{depth}"] = {
-                    "meilies": m[len(m) // 2]["cpu"], "redis": rd[len(rd) // 2]["cpu"]}
+                        section[f"depth1_ack_{q}_ms"] = summarize(
+                            f"{name}.ack_{q}_ms", m, rd, f"{q}_ms", 4)
+                cpu_notes[name] = {"meilies": median_run(m, "events_per_s")["cpu"],
+                                   "redis": median_run(rd, "events_per_s")["cpu"]}
             out[f"fsync_{policy}"] = section
         finally:
             for s in servers.values():
@@ -443,13 +462,12 @@ def scenario_replay(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict
         m, rd = runs["meilies"], runs["redis"]
         results["replay"] = {
             "events": count,
-            "events_per_s": figure(median([r["events_per_s"] for r in m]),
-                                   median([r["events_per_s"] for r in rd]), 1),
-            "mb_per_s": figure(median([r["mb_per_s"] for r in m]),
-                               median([r["mb_per_s"] for r in rd]), 2),
+            "events_per_s": summarize("replay.events_per_s", m, rd, "events_per_s", 1),
+            "mb_per_s": summarize("replay.mb_per_s", m, rd, "mb_per_s", 2),
             "preload_events_per_s": figure(preload_rate["meilies"], preload_rate["redis"], 1),
         }
-        cpu_notes["replay"] = {"meilies": m[len(m) // 2]["cpu"], "redis": rd[len(rd) // 2]["cpu"]}
+        cpu_notes["replay"] = {"meilies": median_run(m, "events_per_s")["cpu"],
+                               "redis": median_run(rd, "events_per_s")["cpu"]}
     finally:
         for s in servers.values():
             s.stop()
@@ -660,22 +678,21 @@ def scenario_fanout(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict
         out = {"subscribers": cfg.fanout_subscribers, "events": cfg.fanout_events,
                "fsync": policy}
 
-        def med(kind, mode, key):
-            return median([r[key] for r in runs[(kind, mode)]])
-
-        out["delivered_events_per_s"] = figure(med("meilies", "full", "delivered_per_s"),
-                                               med("redis", "full", "delivered_per_s"), 1)
+        full = (runs[("meilies", "full")], runs[("redis", "full")])
+        paced = (runs[("meilies", "paced")], runs[("redis", "paced")])
+        out["delivered_events_per_s"] = summarize("fanout.full.delivered_per_s", *full,
+                                                  "delivered_per_s", 1)
         for q in ("p50", "p99"):
-            out[f"latency_{q}_ms"] = figure(med("meilies", "full", f"{q}_ms"),
-                                            med("redis", "full", f"{q}_ms"), 3)
+            out[f"latency_{q}_ms"] = summarize(f"fanout.full.latency_{q}_ms", *full,
+                                               f"{q}_ms", 3)
         for q in ("p50", "p99"):
-            out[f"paced_{cfg.fanout_paced_rate}_per_s_latency_{q}_ms"] = figure(
-                med("meilies", "paced", f"{q}_ms"), med("redis", "paced", f"{q}_ms"), 3)
+            out[f"paced_{cfg.fanout_paced_rate}_per_s_latency_{q}_ms"] = summarize(
+                f"fanout.paced.latency_{q}_ms", *paced, f"{q}_ms", 3)
         results["fanout"] = out
         for mode in ("full", "paced"):
             m, rd = runs[("meilies", mode)], runs[("redis", mode)]
-            cpu_notes[f"fanout.{mode}"] = {"meilies": m[len(m) // 2]["cpu"],
-                                           "redis": rd[len(rd) // 2]["cpu"]}
+            cpu_notes[f"fanout.{mode}"] = {"meilies": median_run(m, "delivered_per_s")["cpu"],
+                                           "redis": median_run(rd, "delivered_per_s")["cpu"]}
     finally:
         for s in servers.values():
             s.stop()
@@ -789,11 +806,9 @@ def scenario_idle(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict) 
     m, rd = runs["meilies"], runs["redis"]
     results["idle"] = {
         "connections": count,
-        "rss_mb": figure(median([r["rss_mb"] for r in m]), median([r["rss_mb"] for r in rd]), 1),
-        "base_rss_mb": figure(median([r["base_mb"] for r in m]),
-                              median([r["base_mb"] for r in rd]), 1),
-        "kb_per_connection": figure(median([r["kb_per_connection"] for r in m]),
-                                    median([r["kb_per_connection"] for r in rd]), 2),
+        "rss_mb": summarize("idle.rss_mb", m, rd, "rss_mb", 1),
+        "base_rss_mb": summarize("idle.base_rss_mb", m, rd, "base_mb", 1),
+        "kb_per_connection": summarize("idle.kb_per_connection", m, rd, "kb_per_connection", 2),
     }
 
 
@@ -900,12 +915,14 @@ def main() -> int:
                 f"{cfg.fanout_depth}; latency from {cfg.fanout_probes} probe subscribers, every "
                 f"event; paced: {cfg.fanout_paced_rate} events/s at depth 1",
                 "cpu: share of one core used by the client process and the server over the "
-                "measured interval (median run)",
+                "measured interval (the run with the median throughput)",
+                "runs: every run's value behind each median, in run order",
             ],
         },
         **results,
         "targets": targets(results),
         "cpu": cpu_notes,
+        "runs": RAW,
     }
     if failures:
         report["failures"] = failures
