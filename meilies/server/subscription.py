@@ -21,6 +21,8 @@ from .notify import Notifier
 
 #: About how many bytes of frames one ``send`` gets (the engine's read size for a stream).
 SEND_BYTES = 1024 * 1024
+#: Largest event number a spec may name (numbers are u64 on disk).
+MAX_NUMBER = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ def parse_spec(raw: bytes) -> Spec:
     for part in parts[1:]:
         if not part or not part.isdigit() or not part.isascii():
             raise _bad_spec(raw, "event numbers must be non-negative integers")
+        # Numbers are u64 on disk; the length check comes first because int() refuses
+        # strings of over 4300 digits with a ValueError.
+        if len(part) > 20 or int(part) > MAX_NUMBER:
+            raise _bad_spec(raw, "event number out of range")
         numbers.append(int(part))
     start = numbers[0] if numbers else None
     stop = numbers[1] if len(numbers) == 2 else None

@@ -229,10 +229,12 @@ def test_all_from_to_bounds_every_stream_including_streams_created_later(server)
 
 MALFORMED_SPECS = ["s:", "s::1", "s:-1", "s:3:3", "s:5:2", "a:1:2:3", "s:x", "s:1:y", "s:+1",
                    "s: 1", "s:1.5", "s:\u0661", ":1", "", "a b", "s:1:", "$all:", "$all:2:1",
-                   "$all:x", "s\x01"]
+                   "$all:x", "s\x01", "a\r\nb:1",
+                   "s:" + "9" * 5000, "s:0:" + "9" * 5000, "s:18446744073709551616",
+                   "$all:0:99999999999999999999999"]
 
 
-@pytest.mark.parametrize("spec", MALFORMED_SPECS)
+@pytest.mark.parametrize("spec", MALFORMED_SPECS, ids=lambda spec: repr(spec)[:40])
 def test_a_malformed_spec_is_an_error_and_makes_no_subscription(server, spec):
     publisher = server.client()
     publish_all(publisher, [(b"s", b"e", b"0"), (b"a", b"e", b"0")])
@@ -240,10 +242,19 @@ def test_a_malformed_spec_is_an_error_and_makes_no_subscription(server, spec):
     reply = reader.call("subscribe", spec.encode())
     assert reply.startswith(b"-ERR "), reply
     assert reply.endswith(b"\r\n") and reply.count(b"\r\n") == 1
+    assert b"internal error" not in reply
     assert info_fields(publisher)["subscribers"] == "0"
     publish_all(publisher, [(b"s", b"e", b"1"), (b"a", b"e", b"1")])
     assert_nothing_pending(reader)
     assert info_fields(publisher)["subscribers"] == "0"
+    assert "Traceback" not in server.log()
+
+
+def test_the_largest_event_number_is_a_valid_bound(server):
+    reader = server.client()
+    reader.send(command("subscribe", "s:18446744073709551614:18446744073709551615"))
+    reader.expect(subscribed(b"s"))
+    assert_nothing_pending(reader)
 
 
 @pytest.mark.parametrize("position", [0, 1, 2])
