@@ -623,6 +623,14 @@ class Engine:
         if checkpoint is None:
             return None
         listed = [s.base_position for s in checkpoint.segments]
+        present = set(bases)
+        for base in listed:
+            # Segments are only ever added, and a checkpoint names one only after its
+            # file is durable: a listed segment that is gone was deleted, and ignoring
+            # the checkpoint would serve a shorter log without a word.
+            if base not in present:
+                raise CorruptSegment(segment_path(self.directory, base), 0,
+                                     "segment file is missing; the checkpoint lists it")
         if listed != bases[:len(listed)] or not listed:
             log.warning("ignoring the checkpoint: it lists segments %s, the directory has %s;"
                         " rebuilding state from the log", listed[:3], bases[:3])

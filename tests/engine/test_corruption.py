@@ -189,17 +189,21 @@ def test_missing_middle_segment_refuses_open(tmp_path, keep_checkpoint):
     segments[1].unlink()
     if not keep_checkpoint:
         (tmp_path / CHECKPOINT_NAME).unlink()
-    assert_open_refused(tmp_path, CorruptSegment, segments[2], 0)
+    # The checkpoint names the missing file; without it, the gap in positions shows
+    # at the next one.
+    assert_open_refused(tmp_path, CorruptSegment, segments[1 if keep_checkpoint else 2], 0)
 
 
-def test_segment_renamed_to_another_position_refuses_open(tmp_path):
+@pytest.mark.parametrize("keep_checkpoint", [True, False], ids=["checkpoint", "no-checkpoint"])
+def test_segment_renamed_to_another_position_refuses_open(tmp_path, keep_checkpoint):
     write_log(tmp_path, segment_size=400)
     segments = segment_files(tmp_path)
     wrong = segments[-1].with_name("%020d.seg" % (int(segments[-1].stem) + 1))
     segments[-1].rename(wrong)
-    with pytest.raises(CorruptSegment) as caught:
-        Engine.open(tmp_path)
-    assert caught.value.path == wrong
+    if not keep_checkpoint:
+        (tmp_path / CHECKPOINT_NAME).unlink()
+    # The checkpoint misses the old name; without it, the header contradicts the new.
+    assert_open_refused(tmp_path, CorruptSegment, segments[-1] if keep_checkpoint else wrong, 0)
 
 
 def test_undamaged_log_opens_after_the_damage_tests_pattern(tmp_path):
@@ -218,3 +222,15 @@ def test_without_verify_on_open_the_scanned_tail_is_still_checked(tmp_path):
     record = record_spans(segment)[-2]
     flip_byte(segment, record.offset + 60)
     assert_open_refused(crashed, CorruptRecord, segment, record.offset, verify_on_open=False)
+
+
+def test_newest_segment_deleted_while_the_checkpoint_lists_it_refuses_open(tmp_path):
+    """Without the checkpoint the log would just look shorter: acknowledged events
+    would vanish without a word. The checkpoint knows better, so the open refuses."""
+    write_log(tmp_path, segment_size=400)
+    newest = segment_files(tmp_path)[-1]
+    newest.unlink()
+    with pytest.raises(CorruptSegment) as caught:
+        Engine.open(tmp_path)
+    assert (caught.value.path, caught.value.offset) == (newest, 0)
+    assert "missing" in caught.value.reason
