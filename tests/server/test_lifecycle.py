@@ -44,13 +44,15 @@ def test_sigterm_with_idle_and_subscribed_clients_exits_0_and_keeps_everything(s
                                                                               tmp_path):
     server = start_server()
     client = server.client()
-    datas = publish_many(client, "s", 200, size=1000)
+    datas = publish_many(client, "s", 200, size=20_000)  # 4 MB: more than socket buffers
     idle = server.client()
     live = server.client()
     live.send(command("subscribe", "s:0", "$all"))
     live.expect(subscribed(b"s") + subscribed(b"$all"))
-    # One that subscribed to a backlog and never reads, one mid-request.
+    # One that subscribed to a backlog and never reads (its subscriptions block in a
+    # send), one mid-request.
     stuck = server.client()
+    stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.send(command("subscribe", "s:0", "s:0", "s:0"))
     partial = server.client()
     partial.send(command("publish", "s", "e", "never finished")[:-5])
