@@ -1,15 +1,277 @@
-"""``meilies-cli``: the command-line client (issue 4 builds it on meilies.client)."""
+"""``meilies-cli``: the command-line client, a thin click layer over :mod:`meilies.client`.
+
+Exit codes: 0 success; 1 cannot connect, connection lost, or the server refused the
+request; 2 usage; 3 ``append`` whose expected version did not match. ``subscribe
+--exec`` exits with the failing command's code. No error prints a traceback: one
+line on stderr.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import os
+import signal
+import subprocess
 import sys
 
+import click
 
-def main() -> None:
-    """Not built yet: say so plainly, exit 2 (usage), as the foundation issue allows."""
-    print("meilies-cli: not yet implemented; use redis-cli -p 6480 meanwhile", file=sys.stderr)
-    sys.exit(2)
+from ..client import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, Client, ConnectionError,
+                      Event, MeiliesError, ResponseError, WrongExpectedVersion, parse_spec)
+
+EXIT_ERROR = 1
+EXIT_CONFLICT = 3
+
+CLI_EPILOG = """\b
+Examples:
+  meilies-cli publish orders-17 created '{"total": 12}'
+  echo '{"card": "..."}' | meilies-cli publish orders-17 paid -
+  meilies-cli append orders-17 1 shipped '{}' delivered '{}'
+  meilies-cli subscribe orders-17:0 'customers-3:0:10'
+  meilies-cli subscribe --json '$all'
+  meilies-cli subscribe orders-17:0 --exec 'jq .total'
+  meilies-cli last-event-number orders-17
+  meilies-cli -h 10.0.0.5 -p 6480 --password secret stream-names
+"""
+
+
+def _fail(message: str, code: int = EXIT_ERROR):
+    click.echo(f"meilies-cli: {message}", err=True)
+    raise click.exceptions.Exit(code)
+
+
+class _ClientGroup(click.Group):
+    """Turns every client error into one line on stderr and an exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except WrongExpectedVersion as exc:
+            _fail(str(exc), EXIT_CONFLICT)
+        except ResponseError as exc:
+            _fail(f"server error: {exc}")
+        except ConnectionError as exc:
+            _fail(str(exc))
+        except MeiliesError as exc:
+            _fail(f"{type(exc).__name__}: {exc}")
+
+
+@click.group(cls=_ClientGroup, epilog=CLI_EPILOG,
+             context_settings={"help_option_names": ["--help"]})
+@click.option("-h", "--host", default=DEFAULT_HOST, show_default=True,
+              help="Server address.")
+@click.option("-p", "--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT,
+              show_default=True, help="Server port.")
+@click.option("--password", default=None, envvar="MEILIES_PASSWORD", metavar="PASS",
+              help="Send AUTH PASS first (or set MEILIES_PASSWORD, which stays out of ps).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT,
+              show_default=True, help="Seconds to wait to connect or for a reply.")
+@click.pass_context
+def main(ctx: click.Context, host: str, port: int, password: str | None,
+         timeout: float) -> None:
+    """Talk to a MeiliES server: publish, append, subscribe, inspect."""
+    ctx.obj = Client(host, port, password=password, timeout=timeout)
+    ctx.call_on_close(ctx.obj.close)
+
+
+def _data(value: str) -> bytes:
+    """DATA as given on the command line, or stdin's bytes for ``-``."""
+    if value == "-":
+        return click.get_binary_stream("stdin").read()
+    return os.fsencode(value)  # the argument's original bytes, even if not UTF-8
+
+
+@main.command()
+@click.argument("stream")
+@click.argument("event")
+@click.argument("data")
+@click.pass_obj
+def publish(client: Client, stream: str, event: str, data: str) -> None:
+    """Append one EVENT with DATA to STREAM (DATA '-' reads stdin)."""
+    client.publish(stream, event, _data(data))
+    click.echo("OK")
+
+
+@main.command()
+@click.argument("stream")
+@click.argument("expected")
+@click.argument("events", nargs=-1, required=True, metavar="EVENT DATA [EVENT DATA]...")
+@click.pass_obj
+def append(client: Client, stream: str, expected: str, events: tuple[str, ...]) -> None:
+    """Append EVENT DATA pairs to STREAM atomically; print the last event's number.
+
+    EXPECTED is 'any', 'none' (STREAM must be empty) or the number STREAM's last event
+    must have; on mismatch nothing is stored and the exit code is 3. One DATA may be
+    '-' to read stdin.
+    """
+    if len(events) % 2:
+        raise click.UsageError("events come in EVENT DATA pairs")
+    if events[1::2].count("-") > 1:
+        raise click.UsageError("only one DATA may be '-' (stdin)")
+    expected_value = _expected(expected)
+    pairs = [(events[i], _data(events[i + 1])) for i in range(0, len(events), 2)]
+    click.echo(client.append(stream, pairs, expected=expected_value))
+
+
+def _expected(value: str) -> int | str:
+    lowered = value.lower()
+    if lowered in ("any", "none"):
+        return lowered
+    if value.isdigit() and value.isascii():
+        return int(value)
+    raise click.BadParameter("must be 'any', 'none' or an event number", param_hint="EXPECTED")
+
+
+@main.command("last-event-number")
+@click.argument("stream")
+@click.pass_obj
+def last_event_number(client: Client, stream: str) -> None:
+    """Print the number of STREAM's last event, or 'none' when it has none
+    (what 'append STREAM EXPECTED' takes)."""
+    number = client.last_event_number(stream)
+    click.echo("none" if number is None else number)
+
+
+@main.command("stream-names")
+@click.pass_obj
+def stream_names(client: Client) -> None:
+    """Print the name of every stream that has events, one per line, in byte order."""
+    for name in client.stream_names():
+        click.echo(name)
+
+
+@main.command()
+@click.argument("message", required=False)
+@click.pass_obj
+def ping(client: Client, message: str | None) -> None:
+    """Check the server answers: print PONG (or MESSAGE echoed)."""
+    click.echo(client.ping(message).decode(errors="backslashreplace"))
+
+
+SUBSCRIBE_EPILOG = """\b
+Specs: NAME (live only), NAME:FROM, NAME:FROM:TO (TO exclusive; ends after TO-1),
+and the same for '$all' (quote it in the shell). One '$all' alone, or named
+streams, each once.
+
+\b
+Output: one line per event, 'stream number event-name data'. Data that is not
+printable UTF-8 is escaped (\\n, \\t, \\xNN; a backslash as \\\\), so an event is
+always one line. --json prints {"stream", "number", "name", "data"} per line, with
+"data_base64" instead of "data" when the data is not UTF-8.
+
+\b
+--exec COMMAND runs COMMAND with /bin/sh once per event, data on stdin, and
+MEILIES_STREAM_NAME, MEILIES_EVENT_NAME, MEILIES_EVENT_NUMBER in its environment.
+"""
+
+
+@main.command(epilog=SUBSCRIBE_EPILOG)
+@click.argument("specs", nargs=-1, required=True, metavar="SPEC...")
+@click.option("--json", "json_lines", is_flag=True, help="Print JSON lines.")
+@click.option("--exec", "command", metavar="COMMAND",
+              help="Run COMMAND per event instead of printing it.")
+@click.option("--keep-going", is_flag=True,
+              help="With --exec: go on after a failing COMMAND (default: stop with its code).")
+@click.option("--max-retries", type=click.IntRange(min=0), default=None,
+              help="Give up after this many failed reconnects in a row (default: never).")
+@click.option("--no-reconnect", is_flag=True, help="Exit 1 when the connection drops.")
+@click.pass_obj
+def subscribe(client: Client, specs: tuple[str, ...], json_lines: bool, command: str | None,
+              keep_going: bool, max_retries: int | None, no_reconnect: bool) -> None:
+    """Print the events of SPEC... as they come; reconnect and resume after the last
+    event printed when the connection drops (saying so on stderr). Ctrl-C exits 0."""
+    for spec in specs:
+        try:
+            parse_spec(spec)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="SPEC") from None
+    handler = _StderrHandler()
+    logger = logging.getLogger("meilies.client")
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    subscription = None
+    try:
+        subscription = client.subscribe(*specs, reconnect=not no_reconnect,
+                                        max_retries=max_retries)
+        for event in subscription:
+            if command is not None:
+                _run(command, event, keep_going)
+            elif json_lines:
+                click.echo(json.dumps(_as_json(event), ensure_ascii=False))
+            else:
+                click.echo(f"{event.stream} {event.number} {event.name} {printable(event.data)}")
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(0) from None
+    except BrokenPipeError:
+        _silence_stdout()
+        raise click.exceptions.Exit(0) from None
+    finally:
+        logger.removeHandler(handler)
+        if subscription is not None:
+            subscription.close()
+
+
+class _StderrHandler(logging.Handler):
+    """Reconnect news on stderr, as ``meilies-cli: ...`` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"meilies-cli: {record.getMessage()}", err=True)
+
+
+def _run(command: str, event: Event, keep_going: bool) -> None:
+    env = dict(os.environ, MEILIES_STREAM_NAME=event.stream, MEILIES_EVENT_NAME=event.name,
+               MEILIES_EVENT_NUMBER=str(event.number))
+    sys.stdout.flush()
+    code = subprocess.run(command, shell=True, input=event.data, env=env).returncode
+    if code == 0:
+        return
+    if code < 0:
+        code = 128 - code  # killed by a signal: the shell's convention
+    where = f"event {event.number} of {event.stream}"
+    if keep_going:
+        click.echo(f"meilies-cli: command exited with {code} on {where}; going on", err=True)
+        return
+    _fail(f"command exited with {code} on {where}; stopping", code)
+
+
+def _as_json(event: Event) -> dict:
+    line = {"stream": event.stream, "number": event.number, "name": event.name}
+    try:
+        line["data"] = event.data.decode()
+    except UnicodeDecodeError:
+        line["data_base64"] = base64.b64encode(event.data).decode()
+    return line
+
+
+# Control characters (C0, DEL, C1) and Unicode line/paragraph separators, escaped.
+_ESCAPES = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7f, 0xa0)]}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t",
+                 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def printable(data: bytes) -> str:
+    """``data`` as one line of text: UTF-8 shown as is, anything else escaped.
+
+    Invalid UTF-8 bytes become ``\\xNN``, control characters ``\\n``, ``\\t``, ``\\xNN``,
+    and a backslash ``\\\\``, so the escaping can be undone without ambiguity.
+    """
+    text = data.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+    return text.translate(_ESCAPES)
+
+
+def _silence_stdout() -> None:
+    """stdout's reader went away (``| head``): drop what is left instead of failing
+    again when Python flushes it at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # no real file descriptor (e.g. under CliRunner): nothing to redirect
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()
