@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import (crash_copy, fix_checksum, flip_byte, newest_segment,
-                            read_everything, record_spans, segment_files, truncate_file)
+                            read_everything, record_spans, segment_files, shrink_tail,
+                            truncate_file)
 from meilies.engine import CorruptRecord, CorruptSegment, Engine
 from meilies.engine import format as fmt
 from meilies.engine.files import CHECKPOINT_NAME
@@ -136,7 +137,7 @@ def test_sealed_segment_cut_short_refuses_open(tmp_path):
     write_log(tmp_path, segment_size=400)
     sealed = segment_files(tmp_path)[0]
     size = sealed.stat().st_size
-    truncate_file(sealed, size - 5)
+    shrink_tail(sealed, 5)
     assert_open_refused(tmp_path, CorruptSegment, sealed, size - 5)
 
 
