@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-from meilies.engine import Engine
 from meilies.engine.log import DEFAULT_SEGMENT_SIZE
 
 #: A segment this small holds two or three records: reads and recovery cross files.
@@ -20,24 +19,7 @@ def fsync_policy(request) -> str:
     return request.param
 
 
-@pytest.fixture(params=[TINY_SEGMENT, DEFAULT_SEGMENT_SIZE], ids=["tiny-segments", "default-segments"])
+@pytest.fixture(params=[TINY_SEGMENT, DEFAULT_SEGMENT_SIZE],
+                ids=["tiny-segments", "default-segments"])
 def segment_size(request) -> int:
     return request.param
-
-
-@pytest.fixture
-def open_engine():
-    """``open_engine(dir, **options)``: Engine.open, closed at teardown if still open."""
-    engines = []
-
-    def _open(directory, **options):
-        engine = Engine.open(directory, **options)
-        engines.append(engine)
-        return engine
-
-    yield _open
-    for engine in engines:
-        try:
-            engine.close()
-        except Exception:  # a test that damaged a directory may leave it unclosable
-            pass
