@@ -580,6 +580,7 @@ def run_fanout(kind: str, server, stream: bytes, cfg: Settings, events: int,
                 next_at = max(next_at + 1.0 / pace, now)
 
         remaining = nsubs
+        published_at = None
         cpu = Cpu(server)
         t0 = time.perf_counter()
         deadline = t0 + cfg.loop_limit
@@ -597,8 +598,11 @@ def run_fanout(kind: str, server, stream: bytes, cfg: Settings, events: int,
                     if not n:
                         raise ConnectionError(f"{kind} closed the publisher")
                     pub_pending -= buf.count(b"\n", 0, n)
-                    if pub_pending <= 0 and published < events and not pace:
-                        publish_batch(time.perf_counter())
+                    if pub_pending <= 0:
+                        if published < events and not pace:
+                            publish_batch(time.perf_counter())
+                        elif published >= events and published_at is None:
+                            published_at = time.perf_counter()
                     continue
                 try:
                     n = sub.sock.recv_into(buf)
@@ -651,6 +655,7 @@ def run_fanout(kind: str, server, stream: bytes, cfg: Settings, events: int,
     delivered = sum(s.events for s in subs)
     seconds = t1 - t0
     return {"delivered_per_s": delivered / seconds, "seconds": seconds,
+            "publisher_per_s": events / (published_at - t0) if published_at else None,
             "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
             "cpu": cpu_result}
 
@@ -674,7 +679,8 @@ def scenario_fanout(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict
                     runs.setdefault((kind, mode), []).append(r)
                     log(f"fanout {mode} run {run + 1} {kind}: {r['delivered_per_s']:,.0f} "
                         f"delivered/s, p50 {r['p50_ms']:.2f} ms p99 {r['p99_ms']:.2f} ms "
-                        f"({r['seconds']:.2f} s) cpu {r['cpu']}")
+                        f"({r['seconds']:.2f} s; publisher {r['publisher_per_s'] or 0:,.0f} "
+                        f"events/s) cpu {r['cpu']}")
         out = {"subscribers": cfg.fanout_subscribers, "events": cfg.fanout_events,
                "fsync": policy}
 
@@ -682,6 +688,8 @@ def scenario_fanout(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict
         paced = (runs[("meilies", "paced")], runs[("redis", "paced")])
         out["delivered_events_per_s"] = summarize("fanout.full.delivered_per_s", *full,
                                                   "delivered_per_s", 1)
+        out["publisher_events_per_s"] = summarize("fanout.full.publisher_per_s", *full,
+                                                  "publisher_per_s", 1)
         for q in ("p50", "p99"):
             out[f"latency_{q}_ms"] = summarize(f"fanout.full.latency_{q}_ms", *full,
                                                f"{q}_ms", 3)
@@ -913,7 +921,8 @@ def main() -> int:
                 "replay: MB/s counts wire bytes received (RESP framing included)",
                 f"fanout: {cfg.fanout_subscribers} subscribers, fsync everysec, publisher depth "
                 f"{cfg.fanout_depth}; latency from {cfg.fanout_probes} probe subscribers, every "
-                f"event; paced: {cfg.fanout_paced_rate} events/s at depth 1",
+                f"event; paced: {cfg.fanout_paced_rate} events/s at depth 1; "
+                "publisher_events_per_s: events / time until the last publish was acked",
                 "cpu: share of one core used by the client process and the server over the "
                 "measured interval (the run with the median throughput)",
                 "runs: every run's value behind each median, in run order",
