@@ -3,6 +3,7 @@
 import re
 import signal
 import socket
+import threading
 
 from serverproc import DEADLINE, ServerProcess, command, event_frame, subscribed, wait_for
 
@@ -178,3 +179,53 @@ def test_a_torn_record_at_the_tail_is_truncated_and_logged(start_server, tmp_pat
     assert "truncated" in restarted.log()
     assert reader.call("publish", "s", "e", "again") == b"+OK\r\n"
     assert reader.call("last-event-number", "s") == b"*3\r\n+last-event-number\r\n+s\r\n:9\r\n"
+
+
+def _send_ignoring_errors(client, data: bytes) -> None:
+    try:
+        client.send(data)
+    except OSError:
+        pass  # the server went away while we were still sending
+
+
+def test_sigterm_with_a_client_that_never_reads_its_replies_still_exits_0(start_server,
+                                                                         tmp_path):
+    server = start_server()
+    client = server.client()
+    assert client.call("publish", "s", "e", "kept") == b"+OK\r\n"
+    hog = server.client()
+    hog.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    # 20 MB of replies nobody reads: the server blocks sending them, then stops
+    # reading, so the requests go from a thread of their own.
+    requests = command("ping", b"p" * 1_000_000) * 20
+    sender = threading.Thread(target=lambda: _send_ignoring_errors(hog, requests), daemon=True)
+    sender.start()
+    wait_for(lambda: int(info_field(client, "connected_clients")) == 2, what="two clients")
+    assert server.stop() == 0
+    sender.join(DEADLINE)
+    restarted = start_server(data_dir=tmp_path / "data")
+    assert read_frames(restarted.client(), "s", 1) == frames(b"s", [b"kept"])
+
+
+def test_a_byte_flipped_in_a_sealed_segment_refuses_to_start_naming_it(start_server, tmp_path):
+    server = start_server("--fsync", "no")
+    client = server.client()
+    big = b"B" * (1024 * 1024 - 200)
+    marker = b"IN-THE-FIRST-SEGMENT" + b"#" * 1000
+    assert client.call("publish", "s", "e", marker) == b"+OK\r\n"
+    for _ in range(70):  # past the 64 MiB default segment size: a roll seals the first
+        assert client.call("publish", "s", "e", big) == b"+OK\r\n"
+    assert server.stop() == 0
+    sealed = segments(tmp_path / "data")
+    assert len(sealed) >= 2
+    raw = bytearray(sealed[0].read_bytes())
+    at = raw.index(marker) + 500
+    raw[at] ^= 0x40
+    sealed[0].write_bytes(bytes(raw))
+    damaged = start_server(data_dir=tmp_path / "data", wait=False)
+    assert damaged.wait_exit(DEADLINE) == 1
+    lines = failure_lines(damaged)
+    assert len(lines) == 1, damaged.log()
+    assert sealed[0].name in lines[0] and "meilies-fsck" in lines[0]
+    match = re.search(r"offset (\d+)", lines[0])
+    assert match and int(match.group(1)) <= at, lines[0]
