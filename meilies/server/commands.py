@@ -108,14 +108,13 @@ def auth(conn: Connection, args: list[bytes]) -> bytes:
     password = conn.server.config.requirepass
     if password is None:
         raise CommandError("ERR AUTH called without any password configured")
+    # A refused AUTH leaves the connection as it was (as Redis does): once a good
+    # AUTH has been seen, a later bad one does not lock the connection again.
     if len(args) == 3 and args[1] != b"default":
-        conn.authenticated = False
         return WRONGPASS
-    given = args[-1]
-    if hmac.compare_digest(given, password.encode()):
+    if hmac.compare_digest(args[-1], password.encode()):
         conn.authenticated = True
         return resp.OK
-    conn.authenticated = False
     return WRONGPASS
 
 

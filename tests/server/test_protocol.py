@@ -184,6 +184,16 @@ def test_auth_with_the_password_unlocks_the_connection_only(start_server):
     assert other.call("stream-names") == b"-NOAUTH Authentication required.\r\n"
 
 
+def test_a_wrong_password_after_a_good_auth_leaves_the_connection_authenticated(start_server):
+    server = start_server("--requirepass", "s3cret")
+    client = server.client()
+    assert client.call("auth", "s3cret") == b"+OK\r\n"
+    assert client.call("auth", "wrong") == b"-WRONGPASS invalid password\r\n"
+    assert client.call("auth", "someone", "s3cret") == b"-WRONGPASS invalid password\r\n"
+    assert client.call("ping") == b"+PONG\r\n"
+    assert client.call("auth", "default", "s3cret") == b"+OK\r\n"
+
+
 def test_quit_before_auth_closes_without_storing_anything(start_server):
     server = start_server("--requirepass", "pw")
     client = server.client()
