@@ -132,38 +132,44 @@ def test_concurrent_pipelined_publishers_and_subscribers_see_no_gap_and_no_dupli
         subscriber.start()
     join_all(publishers)
     join_all(early + [middle])
+    # One last event, so that the live subscriptions have something to end on even if
+    # they were made after the publishers finished.
+    assert control.call("publish", "c", "tail", "end") == b"+OK\r\n"
 
     stored = {s: read_stream(control, s) for s in streams}
     for s in streams:
-        assert len(stored[s]) == totals[s]
+        assert len(stored[s]) == totals[s] + (s == b"c")
         # Each publisher's events of a stream are stored in the order it sent them.
-        for plan in plans:
+        for p, plan in enumerate(plans):
             mine = [(name, data) for stream, name, data in plan if stream == s]
-            assert [e for e in stored[s] if e[0].startswith(mine[0][0].split(b"-")[0] + b"-")] \
-                == mine
+            assert [e for e in stored[s] if e[0].startswith(b"p%d-" % p)] == mine
 
-    def as_stored(events, stream, first):
-        return [(n, d) for _s, _num, n, d in events] == stored[stream][first:] and \
-            [num for _s, num, _n, _d in events] == list(range(first, totals[stream]))
+    def assert_as_stored(events, stream, first, count):
+        """``events`` are ``count`` stored events of ``stream`` from ``first`` on."""
+        assert len(events) == count
+        assert [num for _s, num, _n, _d in events] == list(range(first, first + count))
+        assert [(n, d) for _s, _num, n, d in events] == stored[stream][first:first + count]
 
-    assert as_stored(early[0].events, b"a", 0)
-    assert as_stored(early[1].events, b"b", 0)
-    assert as_stored(middle.events, b"c", 300)
+    assert_as_stored(early[0].events, b"a", 0, totals[b"a"])
+    assert_as_stored(early[1].events, b"b", 0, totals[b"b"])
+    assert_as_stored(middle.events, b"c", 300, totals[b"c"] - 300)
     # $all:0 holds every stream's events in per-stream order, each exactly once.
     all_events = early[2].events
     for s in streams:
-        assert as_stored([e for e in all_events if e[0] == s], s, 0)
+        assert_as_stored([e for e in all_events if e[0] == s], s, 0, totals[s])
     # A second $all:0, made after everything was published, sees the same global order.
-    replay = Subscriber(server.port, b"$all:0", len(all_events))
+    replay = Subscriber(server.port, b"$all:0", len(all_events) + 1)
     replay.run()
-    assert replay.error is None and replay.events == all_events
+    assert replay.error is None and replay.events[:-1] == all_events
+    assert replay.events[-1] == (b"c", totals[b"c"], b"tail", b"end")
     # The live subscriptions end up with a suffix of what is stored: no gap, no duplicate.
-    wait_for(lambda: live_c.events and live_c.events[-1][1] == totals[b"c"] - 1,
+    wait_for(lambda: live_c.events and live_c.events[-1][2] == b"tail",
              what="live c subscriber to reach the end")
-    assert as_stored(live_c.events, b"c", live_c.events[0][1])
-    wait_for(lambda: len(live_all.events) >= 1 and live_all.events[-1] == all_events[-1],
+    first = live_c.events[0][1]
+    assert_as_stored(live_c.events, b"c", first, totals[b"c"] + 1 - first)
+    wait_for(lambda: live_all.events and live_all.events[-1][2] == b"tail",
              what="live $all subscriber to reach the end")
-    assert live_all.events == all_events[len(all_events) - len(live_all.events):]
+    assert live_all.events == replay.events[len(replay.events) - len(live_all.events):]
 
 
 # -- slow subscriber -----------------------------------------------------------------------
