@@ -7,8 +7,9 @@ the parser holds no partial request: a line that does not start with ``*``.
 
 hiredis has no cap on the lengths a client announces, so while a request is still
 incomplete a header-level scan here checks the announced array and bulk lengths
-against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``); it runs only when a read
-ends inside a request, so the usual path costs one ``gets()`` per request.
+against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``) and that every element is a
+bulk string; it runs only when a read ends inside a request or something is wrong,
+so the usual path costs one ``gets()`` and a size sum per request (RequestParser).
 """
 
 from __future__ import annotations
