@@ -97,6 +97,11 @@ LENGTH_OFFSET = CHECKSUM_END + 4  # body_length, after version, flags, name leng
 #: A body longer than this is framing damage, not a record (a batch is at most this).
 MAX_BODY_LENGTH = 1 << 30
 
+# The header fields after the checksum, which it covers (the same layout, split).
+_COVERED_HEADER = struct.Struct("<BBHIIQQIIQ")
+_CHECKSUM = struct.Struct("<Q")
+assert 4 + _CHECKSUM.size + _COVERED_HEADER.size == RECORD_HEADER_SIZE
+
 EVENT_HEADER = struct.Struct("<II")  # frame_length, data_length
 EVENT_HEADER_SIZE = EVENT_HEADER.size  # 8
 
@@ -170,13 +175,25 @@ def encode_record(stream: bytes, stream_id: int, base_position: int, first_numbe
     body_len = at - RECORD_HEADER_SIZE
     if timestamp_ms is None:
         timestamp_ms = int(time.time() * 1000)
-    header = RECORD_HEADER.pack(RECORD_MAGIC, 0, FORMAT_VERSION, 0, len(stream), body_len,
-                                len(events), base_position, first_number, stream_id, 0,
-                                timestamp_ms)
-    parts[0] = header
-    record = bytearray(b"".join(parts))
-    struct.pack_into("<Q", record, CHECKSUM_OFFSET, checksum(memoryview(record)[CHECKSUM_END:]))
-    return EncodedRecord(bytes(record), frames)
+    parts[0] = _COVERED_HEADER.pack(FORMAT_VERSION, 0, len(stream), body_len, len(events),
+                                    base_position, first_number, stream_id, 0, timestamp_ms)
+    covered = b"".join(parts)
+    return EncodedRecord(RECORD_MAGIC + _CHECKSUM.pack(checksum(covered)) + covered, frames)
+
+
+def encode_single(stream: bytes, stream_id: int, position: int, number: int, name: bytes,
+                  data: bytes) -> tuple[bytes, int, int]:
+    """:func:`encode_record` of one event, the publish path: (record, frame offset in
+    the record, frame length). Same bytes, a fraction of the Python calls."""
+    head = b"*5\r\n+event\r\n+%s\r\n:%d\r\n+%s\r\n$%d\r\n" % (stream, number, name, len(data))
+    frame_len = len(head) + len(data) + 2
+    name_len = len(stream)
+    covered = b"".join((
+        _COVERED_HEADER.pack(FORMAT_VERSION, 0, name_len, name_len + EVENT_HEADER_SIZE + frame_len,
+                             1, position, number, stream_id, 0, int(time.time() * 1000)),
+        stream, EVENT_HEADER.pack(frame_len, len(data)), head, data, b"\r\n"))
+    return (RECORD_MAGIC + _CHECKSUM.pack(checksum(covered)) + covered,
+            RECORD_HEADER_SIZE + name_len + EVENT_HEADER_SIZE, frame_len)
 
 
 def record_checksum(buf: bytes | memoryview, offset: int, size: int) -> int:

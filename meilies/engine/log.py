@@ -121,6 +121,8 @@ class Engine:
         #: Appended, not yet visible: (segment, frame_offset, frame_length, stream id,
         #: position, number).
         self._pending: list[tuple[Segment, int, int, int, int, int]] = []
+        #: How many of ``_pending`` are written to the kernel (the rest wait in memory).
+        self._written_pending = 0
         self._listeners: list[Listener] = []
         self._lock = DirectoryLock(directory)
         self._closed = False
@@ -181,60 +183,99 @@ class Engine:
     # -- writing ----------------------------------------------------------------------------
 
     def append(self, stream: bytes, events: list[tuple[bytes, bytes]],
-               expected: str | int = ANY) -> AppendResult:
+               expected: str | int = ANY, *, flush: bool = True) -> AppendResult:
         """Append a batch of ``(event_name, data)`` to ``stream``, atomically.
 
         ``expected`` is :data:`ANY`, :data:`NO_STREAM` or the stream's current last
         event number; on mismatch :class:`WrongExpectedVersion` (carrying the actual
         last number) is raised and nothing is written. Returns the batch's numbers.
         The batch is durable after the next :meth:`sync`.
+
+        With ``flush=False`` the record waits in memory for the next :meth:`flush` (or
+        ``sync``), so that a caller appending many batches in a row writes them with one
+        system call. Until then it is neither visible nor safe from a process crash:
+        such a caller must flush before it acknowledges anything.
         """
-        self._check_open()
-        if not events:
-            raise InvalidArgument("events", "an append needs at least one event")
-        total = 0
-        for name, data in events:
+        if self._closed:
+            raise EngineClosed("engine is closed")
+        max_size = self.max_event_size
+        if len(events) == 1:  # publish: the hot path, checked with the fewest calls
+            name, data = events[0]
             check_event_name(name)
-            check_data(data, self.max_event_size)
-            total += len(data) + len(name)
-        if total > MAX_BATCH_BYTES:
-            raise InvalidArgument("data", f"batch of {total} bytes is over {MAX_BATCH_BYTES}")
-        sid = self.streams.ids.get(stream)
+            if len(data) > max_size:
+                check_data(data, max_size)
+        else:
+            if not events:
+                raise InvalidArgument("events", "an append needs at least one event")
+            total = 0
+            for name, data in events:
+                check_event_name(name)
+                check_data(data, max_size)
+                total += len(data) + len(name)
+            if total > MAX_BATCH_BYTES:
+                raise InvalidArgument("data", f"batch of {total} bytes is over {MAX_BATCH_BYTES}")
+        streams = self.streams
+        sid = streams.ids.get(stream)
         new_stream = sid is None
         if new_stream:
             # Before the expected-version check: a bad name must be refused as such,
             # and never be echoed back inside a WrongExpectedVersion message.
             check_stream_name(stream)
-        current = 0 if new_stream else self.streams.next_number[sid]
-        self._check_expected(stream, current, expected)
+            current = 0
+        else:
+            current = streams.next_number[sid]
+        if expected != ANY:
+            self._check_expected(stream, current, expected)
         position = self._next_position
-        record = fmt.encode_record(stream, len(self.streams) if new_stream else sid, position,
-                                   current, events)
+        record_sid = len(streams) if new_stream else sid
+        if len(events) == 1:
+            data, frame_at, frame_len = fmt.encode_single(stream, record_sid, position, current,
+                                                          name, events[0][1])
+            frames = ((frame_at, frame_len),)
+        else:
+            encoded = fmt.encode_record(stream, record_sid, position, current, events)
+            data, frames = encoded.data, encoded.frames
         # Roll first, then create the stream: a roll writes a checkpoint, which must not
         # name a stream whose first record is not written yet (if that write then failed
         # or the process died, the checkpoint would hold a stream id the log never uses,
         # and the next new stream's records would contradict it).
-        segment = self._segment_for(len(record.data))
-        assert position == self._next_position, "a roll must not move the log's end"
+        segment = self.segments[-1]
+        if segment.size + len(data) > self.segment_size:
+            segment = self._segment_for(len(data))
+            assert position == self._next_position, "a roll must not move the log's end"
         if new_stream:
-            sid = self.streams.create(stream, position)
-        try:
-            offset = segment.append(record.data)
-        except BaseException:
-            if new_stream:
-                self.streams.drop_newest(sid)
-            raise
+            sid = streams.create(stream, position)
+        offset = segment.append(data)
         number = current
         pending = self._pending
-        for frame_at, frame_len in record.frames:
+        for frame_at, frame_len in frames:
             pending.append((segment, offset + frame_at, frame_len, sid, position, number))
             position += 1
             number += 1
-        self.streams.next_number[sid] = number
+        streams.next_number[sid] = number
         self._next_position = position
+        if flush:
+            self.flush()
+        return AppendResult(current, number - 1, position)
+
+    def flush(self) -> None:
+        """Write appended records to the kernel (safe from a process crash from then on).
+
+        Under ``everysec`` and ``no`` they become visible now; under ``always`` at the
+        next :meth:`sync`. On failure every record not yet written is taken back and
+        :class:`StorageError` is raised.
+        """
+        segment = self.segments[-1]
+        if not segment.has_unwritten:
+            return
+        try:
+            segment.flush()
+        except StorageError:
+            self._take_back(self._written_pending)
+            raise
+        self._written_pending = len(self._pending)
         if self.fsync != "always":
             self._publish()
-        return AppendResult(current, number - 1, position)
 
     def _check_expected(self, stream: bytes, current: int, expected: str | int) -> None:
         if expected == ANY:
@@ -292,12 +333,14 @@ class Engine:
         visible, cut from the file) and :class:`StorageError` is raised.
         """
         self._check_open()
+        self.flush()
         if self._durable_position < self._next_position:
             try:
                 self.segments[-1].sync()
             except StorageError:
                 if self.fsync == "always":
-                    self._take_back_pending()
+                    self._take_back(0)
+                    self.segments[-1].truncate_to(self._durable_size)
                 raise
             self._durable_position = self._next_position
             self._durable_size = self.segments[-1].size
@@ -305,22 +348,25 @@ class Engine:
             self._publish()
         return self._durable_position
 
-    def _take_back_pending(self) -> None:
-        """Forget appends whose sync failed: the kernel may have dropped their pages.
+    def _take_back(self, first: int) -> None:
+        """Forget pending appends ``first`` and after: their write or sync failed.
 
-        Cuts the active segment back to its last durable size and rewinds the stream
-        table, so that no part of them is ever read or survives a restart.
+        Rewinds the stream table and the log's end, so that no part of them is ever
+        read; the caller cuts the file back (a failed write already has).
         """
+        taken = self._pending[first:]
+        if not taken:
+            return
+        del self._pending[first:]
+        self._written_pending = min(self._written_pending, first)
         streams = self.streams
-        for _seg, _off, _len, sid, _pos, number in reversed(self._pending):
+        for _seg, _off, _len, sid, _pos, number in reversed(taken):
             streams.next_number[sid] = number
         newest = len(streams) - 1
         while newest >= 0 and streams.next_number[newest] == 0:
             streams.drop_newest(newest)
             newest -= 1
-        self._pending.clear()
-        self._next_position = self._durable_position
-        self.segments[-1].truncate_to(self._durable_size)
+        self._next_position = taken[0][4]
 
     def _publish(self) -> None:
         """Make pending events visible and tell the listeners which streams changed."""
@@ -333,6 +379,7 @@ class Engine:
             changed.add(sid)
         self._visible_position = self._pending[-1][4] + 1
         self._pending.clear()
+        self._written_pending = 0
         for listener in self._listeners:
             listener(changed)
 
@@ -750,7 +797,7 @@ class Engine:
             self.open_report.recovered.append(RecoveryReport(segment.path, offset, dropped,
                                                              "torn record at the tail"))
         else:
-            segment.size = file_size
+            segment.size = segment.written = file_size
             with memoryview(segment.buffer(file_size)) as view:
                 segment.hasher = fmt.Hasher()
                 segment.hasher.update(view[:file_size])

@@ -27,8 +27,11 @@ class Segment:
         self.directory = directory
         self.base_position = base_position
         self.path = segment_path(directory, base_position)
-        #: Bytes of valid log in the file (header included).
+        #: Bytes of log (header included): written, plus appended but not yet flushed.
         self.size = size
+        #: Bytes of log in the file; records past it wait in ``_unwritten``.
+        self.written = size
+        self._unwritten: list[bytes] = []
         self._fd: int | None = None
         self._map: mmap.mmap | None = None
         self.hasher = fmt.Hasher()
@@ -84,7 +87,7 @@ class Segment:
         if header.base_position != base_position:
             raise CorruptSegment(segment.path, 0, f"header says base position"
                                  f" {header.base_position}, the file name {base_position}")
-        segment.size = size
+        segment.size = segment.written = size
         return segment
 
     @staticmethod
@@ -155,22 +158,38 @@ class Segment:
         return self._fd is not None
 
     def append(self, data: bytes) -> int:
-        """Write ``data`` at the end; return its offset. All or nothing: on failure the
-        file is cut back to where it was and :class:`StorageError` is raised."""
+        """Queue ``data`` at the end; return its offset. :meth:`flush` writes it."""
         offset = self.size
+        self._unwritten.append(data)
+        self.size = offset + len(data)
+        return offset
+
+    @property
+    def has_unwritten(self) -> bool:
+        return bool(self._unwritten)
+
+    def flush(self) -> None:
+        """Write what :meth:`append` queued, in one ``pwrite``. All or nothing: on
+        failure the file is cut back to where it was, the queue is dropped and
+        :class:`StorageError` is raised."""
+        if not self._unwritten:
+            return
+        data = self._unwritten[0] if len(self._unwritten) == 1 else b"".join(self._unwritten)
+        offset = self.written
+        self._unwritten.clear()
         view = memoryview(data)
         try:
             written = 0
             while written < len(data):
                 written += os.pwrite(self._fd, view[written:], offset + written)
         except OSError as exc:
+            self.size = offset
             self._cut_back(offset)
             raise StorageError(self.path, "write", exc) from exc
         finally:
             view.release()
-        self.size = offset + len(data)
+        self.written = offset + len(data)
         self.hasher.update(data)
-        return offset
 
     def _cut_back(self, size: int) -> None:
         try:
@@ -182,7 +201,8 @@ class Segment:
         """Drop bytes at or past ``size`` that were written but not kept (recovery,
         a failed sync). Rehashes the kept prefix."""
         self._cut_back(size)
-        self.size = size
+        self._unwritten.clear()
+        self.size = self.written = size
         self.hasher = fmt.Hasher()
         self.hasher.update(self.buffer(size)[:size] if size else b"")
 

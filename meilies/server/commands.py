@@ -2,8 +2,9 @@
 
 A handler takes ``(connection, args)`` (``args[0]`` is the command name as sent) and
 returns its reply bytes, or raises :class:`CommandError` / an engine error that
-``errors.engine_error_reply`` maps to the wire. Writes tell the connection the
-position they need durable before their reply may go out.
+``errors.engine_error_reply`` maps to the wire. Writes append without flushing and
+tell the connection (``Connection.wrote``), which writes, syncs and turns the reply
+into an error if either fails, before the reply goes out.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ class Command:
 
 
 def publish(conn: Connection, args: list[bytes]) -> bytes:
-    result = conn.engine.append(args[1], [(args[2], args[3])], ANY)
-    conn.needs_durable(result.end_position)
+    result = conn.engine.append(args[1], [(args[2], args[3])], ANY, flush=False)
+    conn.wrote(result.end_position)
     return resp.OK
 
 
@@ -52,8 +53,8 @@ def append(conn: Connection, args: list[bytes]) -> bytes:
         raise CommandError("ERR wrong number of arguments for 'append'")
     expected = _parse_expected(args[2])
     events = [(args[i], args[i + 1]) for i in range(3, len(args), 2)]
-    result = conn.engine.append(args[1], events, expected)
-    conn.needs_durable(result.end_position)
+    result = conn.engine.append(args[1], events, expected, flush=False)
+    conn.wrote(result.end_position)
     return resp.integer(result.last_number)
 
 

@@ -43,9 +43,9 @@ class Connection:
         #: True while a batch of requests is being run (graceful stop lets it finish).
         self.busy = False
         self._out: list[bytes] = []
-        #: Indexes in ``_out`` of write replies not yet durable, and the position
+        #: Indexes in ``_out`` of write replies not yet settled, and the position
         #: they need durable.
-        self._durable_slots: list[int] = []
+        self._write_slots: list[int] = []
         self._durable_needed = 0
         self._send_lock = Semaphore()
         self._subscriptions: list[gevent.Greenlet] = []
@@ -95,7 +95,7 @@ class Connection:
                 command.max_args is not None and len(request) > command.max_args):
             out.append(wrong_arity(command.name).reply)
             return
-        if command.reads and self._durable_slots:
+        if command.reads and self._write_slots:
             self._settle_writes()
         try:
             out.append(command.handler(self, request))
@@ -114,25 +114,32 @@ class Connection:
 
     # -- durability of writes ---------------------------------------------------------------
 
-    def needs_durable(self, position: int) -> None:
-        """The reply being built answers a write that must be durable up to ``position``."""
-        if self.server.config.fsync == "always":
-            self._durable_slots.append(len(self._out))
-            if position > self._durable_needed:
-                self._durable_needed = position
+    def wrote(self, position: int) -> None:
+        """The reply being built answers an append not yet flushed, ending at ``position``.
+
+        The engine holds such appends in memory until ``_settle_writes``, which every
+        path that yields or replies goes through first, so what is unflushed at any
+        moment is this connection's alone.
+        """
+        self._write_slots.append(len(self._out))
+        if position > self._durable_needed:
+            self._durable_needed = position
 
     def _settle_writes(self) -> None:
-        """Wait for group commit of this connection's pending writes; on a failed sync,
-        turn their replies into errors (the engine took the writes back)."""
-        if not self._durable_slots:
+        """Flush this connection's appends and, under ``--fsync always``, wait for the
+        group commit covering them; if either fails the engine has taken the appends
+        back, and their replies become errors."""
+        if not self._write_slots:
             return
         try:
-            self.server.commit.wait(self._durable_needed)
+            self.engine.flush()
+            if self.server.config.fsync == "always":
+                self.server.commit.wait(self._durable_needed)
         except StorageError as exc:
             reply = engine_error_reply(exc)
-            for slot in self._durable_slots:
+            for slot in self._write_slots:
                 self._out[slot] = reply
-        self._durable_slots.clear()
+        self._write_slots.clear()
 
     def flush(self) -> None:
         """Send every reply built so far, once their writes are durable."""
