@@ -194,8 +194,11 @@ def subscribe(client: Client, specs: tuple[str, ...], json_lines: bool, command:
         logger.setLevel(logging.INFO)
     subscription = None
     try:
-        subscription = client.subscribe(*specs, reconnect=not no_reconnect,
-                                        max_retries=max_retries)
+        try:
+            subscription = client.subscribe(*specs, reconnect=not no_reconnect,
+                                            max_retries=max_retries)
+        except ValueError as exc:  # specs that cannot go together ('$all' and 's', 's' twice)
+            raise click.UsageError(str(exc)) from None
         for event in subscription:
             if command is not None:
                 _run(command, event, keep_going)

@@ -223,6 +223,8 @@ class Subscription(Iterator[Event]):
         self._snapshot: _Snapshot | None = None
         self._catchup_batches: list[list[bytes]] = []
         self._attempts = 0
+        #: PINGs sent and not answered yet (0 or 1).
+        self._pings = 0
         self._closed = False
         self._closing = threading.Event()
         try:
@@ -277,14 +279,18 @@ class Subscription(Iterator[Event]):
         try:
             if self._conn is None:
                 raise ConnectionError("not connected")
-            awaiting = bool(self._handlers)
+            # Awaiting replies (other than our PING's): the client's timeout applies.
+            # Otherwise silence for ``heartbeat`` seconds sends a PING, and silence for
+            # as long again means the connection is dead.
+            awaiting = len(self._handlers) > self._pings
             try:
                 message = self._conn.read(self._timeout if awaiting else self._heartbeat)
             except TimeoutError:
-                if awaiting:
+                if awaiting or self._pings:
                     raise
                 self._conn.send(("ping",))
                 self._handlers.append(self._on_pong)
+                self._pings += 1
                 return
             self._dispatch(message)
         except (ConnectionError, ServerShuttingDown) as exc:
@@ -375,6 +381,7 @@ class Subscription(Iterator[Event]):
             self._conn.close()
             self._conn = None
         self._handlers.clear()
+        self._pings = 0
         self._snapshot = None
         self._catchup_batches = []
         if self._all is not None:
@@ -403,6 +410,7 @@ class Subscription(Iterator[Event]):
         self._attempts = 0  # the server is back and serving us
 
     def _on_pong(self, reply: object) -> None:
+        self._pings -= 1
         if reply != b"PONG":
             raise ProtocolError(f"unexpected reply to ping: {reply!r}")
 

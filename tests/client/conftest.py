@@ -49,8 +49,15 @@ class Collector:
             self.finished.set()
 
     def wait_count(self, n: int, timeout: float = TIMEOUT) -> list:
-        wait_for(lambda: len(self.events) >= n or self.error is not None, timeout,
-                 what=f"{n} events (have {len(self.events)})")
+        try:
+            wait_for(lambda: len(self.events) >= n or self.error is not None, timeout,
+                     what=f"{n} events")
+        except AssertionError:
+            last: dict = {}
+            for event in self.events:
+                last[event.stream] = event.number
+            raise AssertionError(f"timed out waiting for {n} events; have {len(self.events)},"
+                                 f" last number per stream {last}") from None
         if self.error is not None:
             raise AssertionError(f"subscription failed: {self.error!r}") from self.error
         return self.events
