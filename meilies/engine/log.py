@@ -467,6 +467,17 @@ class Engine:
         one frame when any is due), and the number after the last returned: call again
         from there. The frames are zero-copy views of the log.
         """
+        spans, number = self._stream_spans(stream, start, stop, max_events, max_bytes)
+        frames: list[memoryview] = []
+        for segment, offsets, lengths in spans:
+            view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+            frames += [view[o:o + n] for o, n in zip(offsets, lengths)]
+        return frames, number
+
+    def _stream_spans(self, stream: bytes | int, start: int, stop: int | None,
+                      max_events: int, max_bytes: int
+                      ) -> tuple[list[tuple[Segment, list[int], list[int]]], int]:
+        """Where the frames of :meth:`stream_frames` are: (segment, offsets, lengths)."""
         self._check_open()
         sid = stream if isinstance(stream, int) else self.streams.ids.get(stream)
         if sid is None:
@@ -480,7 +491,7 @@ class Engine:
             end = start + max_events
         k = bisect.bisect_right(self._bases, self.streams.first_position[sid]) - 1
         segments = self.segments
-        frames: list[memoryview] = []
+        spans = []
         size = 0
         number = start
         while k < len(segments) and number < end:
@@ -489,18 +500,18 @@ class Engine:
             first, offsets, lengths = self._segment_stream_frames(segment, sid, number, end)
             if not offsets:
                 continue
-            buf = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
-            if size + sum(lengths) > max_bytes:
+            total = sum(lengths)
+            if size + total > max_bytes:
                 allowed = bisect.bisect_right(list(accumulate(lengths)), max_bytes - size)
-                allowed = max(allowed, 0 if frames else 1)
-                offsets, lengths = offsets[:allowed], lengths[:allowed]
-                frames += [buf[o:o + n] for o, n in zip(offsets, lengths)]
-                number = first + len(offsets)
+                allowed = max(allowed, 0 if spans else 1)
+                if allowed:
+                    spans.append((segment, offsets[:allowed], lengths[:allowed]))
+                number = first + allowed
                 break
-            frames += [buf[o:o + n] for o, n in zip(offsets, lengths)]
-            size += sum(lengths)
+            spans.append((segment, offsets, lengths))
+            size += total
             number = first + len(offsets)
-        return frames, number
+        return spans, number
 
     def _segment_stream_frames(self, segment: Segment, sid: int, start: int, end: int
                                ) -> tuple[int, list[int], list[int]]:
@@ -520,41 +531,54 @@ class Engine:
         return lo, offsets, lengths
 
     def all_frames(self, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
-                   min_number: int = 0, max_number: int | None = None
-                   ) -> tuple[list[memoryview], int]:
+                   min_number: int = 0, max_number: int | None = None,
+                   max_bytes: int | None = None) -> tuple[list[memoryview], int]:
         """Frames from global ``position`` on (one segment at most per call).
 
         Only events whose per-stream number is in [min_number, max_number) are
         returned; the position after the last event examined comes back with them.
+        With ``max_bytes``, reading stops after about that many bytes of frames.
         """
+        segment, offsets, lengths, after = self._all_spans(position, max_events, min_number,
+                                                           max_number, max_bytes)
+        if not offsets:
+            return [], after
+        view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+        return [view[o:o + n] for o, n in zip(offsets, lengths)], after
+
+    def _all_spans(self, position: int, max_events: int, min_number: int,
+                   max_number: int | None, max_bytes: int | None
+                   ) -> tuple[Segment | None, list[int], list[int], int]:
         self._check_open()
         end = self._visible_position
         if position >= end:
-            return [], position
+            return None, [], [], position
         k = bisect.bisect_right(self._bases, position) - 1
         segment = self.segments[k]
         first = position - segment.base_position
         stop = min(segment.index.count, first + max_events,
                    end - segment.base_position)
         if stop <= first:
-            return [], position
-        buf = segment.index.buffer if isinstance(segment.index, SealedIndex) \
-            else segment.index.entries
+            return None, [], [], position
         if min_number == 0 and max_number is None:
             offsets, lengths = segment.index.frames(first, stop)
+            kept = None
         else:
-            offsets, lengths = [], []
+            buf = segment.index.buffer if isinstance(segment.index, SealedIndex) \
+                else segment.index.entries
+            offsets, lengths, kept = [], [], []
             with memoryview(buf) as raw:
-                for off, length, _sid, _delta, number in ENTRY.iter_unpack(
-                        raw[first * ENTRY_SIZE:stop * ENTRY_SIZE]):
+                for i, (off, length, _sid, _delta, number) in enumerate(ENTRY.iter_unpack(
+                        raw[first * ENTRY_SIZE:stop * ENTRY_SIZE]), first):
                     if number >= min_number and (max_number is None or number < max_number):
                         offsets.append(off)
                         lengths.append(length)
-        frames = []
-        if offsets:
-            view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
-            frames = [view[o:o + n] for o, n in zip(offsets, lengths)]
-        return frames, segment.base_position + stop
+                        kept.append(i)
+        if max_bytes is not None and offsets and sum(lengths) > max_bytes:
+            allowed = max(1, bisect.bisect_right(list(accumulate(lengths)), max_bytes))
+            offsets, lengths = offsets[:allowed], lengths[:allowed]
+            stop = (kept[allowed - 1] if kept is not None else first + allowed - 1) + 1
+        return segment, offsets, lengths, segment.base_position + stop
 
     def read_stream(self, stream: bytes, start: int = 0, stop: int | None = None
                     ) -> Iterator[Event]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 from gevent.lock import Semaphore
+from gevent.socket import wait_read
 
 from ..engine.errors import EngineError, StorageError
 from . import commands, resp, subscription
@@ -30,6 +31,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
+# One receive buffer for every connection: all run on one thread, and a connection
+# hands what it read to its parser (which copies it) before it can yield. A buffer
+# per connection would cost 256 KiB of RSS per idle client.
+_RECV_BUFFER = bytearray(RECV_SIZE)
+_RECV_VIEW = memoryview(_RECV_BUFFER)
 
 
 class Connection:
@@ -54,15 +60,19 @@ class Connection:
 
     def run(self) -> None:
         parser = resp.RequestParser(max_bulk=self.server.config.max_bulk)
-        buf = bytearray(RECV_SIZE)
-        view = memoryview(buf)
+        sock = self.sock
+        fileno = sock.fileno()
         try:
             while not self.closing:
-                n = self.sock.recv_into(buf)
+                # Back to the event loop before every read, even when data is waiting:
+                # one read per connection per loop turn, as Redis serves clients, so
+                # a client that keeps its socket full cannot starve the others.
+                wait_read(fileno)
+                n = sock.recv_into(_RECV_BUFFER)
                 if not n:
                     return
                 try:
-                    requests = parser.feed(view[:n])
+                    requests = parser.feed(_RECV_VIEW[:n])
                     error = None
                 except resp.ProtocolError as exc:
                     requests, error = exc.requests, exc
@@ -148,7 +158,7 @@ class Connection:
             data = b"".join(self._out)
             self._out.clear()
             with self._send_lock:
-                self.sock.sendall(data)
+                _send_all(self.sock, data)
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -156,7 +166,10 @@ class Connection:
         """Confirm each spec, then start serving it from a pinned start."""
         server = self.server
         starts = []
+        wakeups = []
         for spec in specs:
+            # Registered before the confirmation goes out, so that INFO counts it by then.
+            wakeups.append(server.notifier.watch(spec.stream))
             self._out.append(b"*2\r\n+subscribed\r\n" + resp.simple(spec.label))
             if spec.stream is None:
                 start = 0 if spec.start is not None else self.engine.visible_position
@@ -166,14 +179,15 @@ class Connection:
             starts.append(start)
         # The confirmations must reach the client before any event of these specs.
         self.flush()
-        for spec, start in zip(specs, starts):
-            greenlet = gevent.spawn(self._serve, spec, start)
+        for spec, start, wakeup in zip(specs, starts, wakeups):
+            greenlet = gevent.spawn(self._serve, spec, start, wakeup)
             self._subscriptions.append(greenlet)
         server.subscriptions_started += len(specs)
 
-    def _serve(self, spec: subscription.Spec, start: int) -> None:
+    def _serve(self, spec: subscription.Spec, start: int, wakeup) -> None:
         try:
-            subscription.serve(spec, self.engine, self.server.notifier, self._send_frames, start)
+            subscription.serve(spec, self.engine, self.server.notifier, self._send_frames, start,
+                               wakeup)
         except OSError as exc:
             log.debug("subscription of %s ended: %s", self.address, exc)
             self._abort()
@@ -185,7 +199,7 @@ class Connection:
     def _send_frames(self, frames: list[memoryview]) -> None:
         data = b"".join(frames)
         with self._send_lock:
-            self.sock.sendall(data)
+            _send_all(self.sock, data)
 
     def _abort(self) -> None:
         """The peer is gone: make the request loop's ``recv`` return."""
@@ -200,3 +214,11 @@ class Connection:
         self.closing = True
         if not self.busy:
             self._abort()
+
+
+def _send_all(sock, data: bytes) -> None:
+    """``sendall``, minus the ``getsockopt`` gevent's does first on every call: try one
+    ``send``, which takes the whole reply when the socket buffer has room."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gevent.event import Event
+
 from ..engine import Engine
 from ..engine.errors import InvalidArgument
 from ..engine.names import ALL_STREAMS, check_stream_name
@@ -71,13 +73,13 @@ def _bad_spec(raw: bytes, reason: str) -> CommandError:
 
 
 def serve(spec: Spec, engine: Engine, notifier: Notifier,
-          send: Callable[[list[memoryview]], None], start: int) -> None:
+          send: Callable[[list[memoryview]], None], start: int, wakeup: Event) -> None:
     """Serve one subscription until its range ends (or the greenlet is killed).
 
     ``start`` was pinned when the subscription was made: the first number (or, for
-    ``$all``, the global position) to send.
+    ``$all``, the global position) to send. ``wakeup`` is the subscription's own
+    ``notifier.watch(spec.stream)``; it is unwatched when serving ends.
     """
-    wakeup = notifier.watch(spec.stream)
     try:
         if spec.stream is None:
             _serve_all(spec, engine, wakeup, send, start)
@@ -102,28 +104,11 @@ def _serve_all(spec, engine, wakeup, send, position) -> None:
     low = spec.start or 0
     while True:
         wakeup.clear()
-        frames, after = engine.all_frames(position, min_number=low, max_number=spec.stop)
+        frames, after = engine.all_frames(position, min_number=low, max_number=spec.stop,
+                                          max_bytes=SEND_BYTES)
         if after == position:
             wakeup.wait()
             continue
         position = after
         if frames:
-            _send_in_pieces(send, frames)
-
-
-def _send_in_pieces(send, frames: list[memoryview]) -> None:
-    """Send ``frames`` about ``SEND_BYTES`` at a time.
-
-    ``all_frames`` bounds a read by its event count only (4096 events: up to 4 GiB of
-    1 MiB events), and ``send`` copies what it is given into one buffer before it
-    blocks on a slow socket. The views themselves are the log's mmap, not memory of
-    ours; a piece at a time keeps the copy at about ``SEND_BYTES``.
-    """
-    start = size = 0
-    for i, frame in enumerate(frames):
-        size += frame.nbytes
-        if size >= SEND_BYTES:
-            send(frames[start:i + 1])
-            start, size = i + 1, 0
-    if start < len(frames):
-        send(frames[start:])
+            send(frames)
