@@ -190,11 +190,18 @@ class ActiveIndex:
 
 
 def sorted_stream_index(position_entries: bytes | bytearray) -> bytes:
-    """The .sidx content for a segment: its position entries sorted by (stream, number)."""
-    entries = list(ENTRY.iter_unpack(position_entries))
-    entries.sort(key=lambda e: (e[2], e[4]))
-    pack = ENTRY.pack
-    return b"".join(pack(*e) for e in entries)
+    """The .sidx content for a segment: its position entries sorted by (stream, number).
+
+    A stable sort on the stream id alone is enough, and needs no tuple per entry:
+    position entries are in log order, in which each stream's numbers increase. (The
+    tuple sort this replaced stalled the server ~0.4 s at each 64 MiB roll.)
+    """
+    count = len(position_entries) // ENTRY_SIZE
+    with memoryview(position_entries) as raw:
+        with raw.cast("I") as words:
+            stream_ids = words[STREAM_ID_WORD::WORDS_PER_ENTRY].tolist()
+        order = sorted(range(count), key=stream_ids.__getitem__)
+        return b"".join([raw[i * ENTRY_SIZE:(i + 1) * ENTRY_SIZE] for i in order])
 
 
 def write_file(path: Path, data: bytes | bytearray) -> None:
