@@ -446,13 +446,14 @@ class Torture:
             [None, 4096])) for _ in range(rng.randint(2, 6))]
         for thread in subscribers + publishers:
             thread.start()
-        kill_after = self.kill_moment(publishers)
+        last_loss = self.args.inject_loss and number == self.args.rounds
+        kill_after = self.kill_moment(publishers, idle=last_loss)
         self.server.kill()
         for thread in publishers + subscribers:
             thread.join(DEADLINE)
             if thread.is_alive():
                 problems.append(f"{thread.name} still running {DEADLINE}s after the kill")
-        if self.args.inject_loss and number == self.args.rounds:
+        if last_loss:
             self.inject_loss()
         # fsck of the crashed directory: at most a torn tail.
         code, report, output = fsck(self.data_dir)
@@ -495,11 +496,12 @@ class Torture:
             return b"%s:%d:%d" % (stream.name, low, low + rng.randint(1, 500))
         return stream.name
 
-    def kill_moment(self, publishers: list[Publisher]) -> float:
-        """Sleep until a random moment of the load; return the delay in seconds."""
+    def kill_moment(self, publishers: list[Publisher], idle: bool = False) -> float:
+        """Sleep until a random moment of the load (or, with ``idle``, its end); return
+        the delay in seconds."""
         rng = self.rng
         start = time.monotonic()
-        roll = rng.random()
+        roll = 1.0 if idle else rng.random()
         if roll < 0.1:
             time.sleep(rng.uniform(0, 0.01))
         elif roll < 0.6:
@@ -768,7 +770,8 @@ def main(argv: list[str] | None = None) -> int:
     if code == 0 and not args.keep:
         shutil.rmtree(work_dir, ignore_errors=True)
     else:
-        print(f"torture: kept {work_dir} (server.log{', data' if not args.data_dir else ''})")
+        print(f"torture: kept {work_dir} (server.log{', data' if not args.data_dir else ''})",
+              flush=True)
     return code
 
 
