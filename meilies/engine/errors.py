@@ -54,6 +54,18 @@ class DirectoryLocked(EngineError):
         self.path = path
 
 
+class UnreadableDirectory(EngineError):
+    """The path is missing, not a directory, unreadable, or not a MeiliES data directory.
+
+    ``meilies-fsck`` exits 2 on it (usage or unreadable directory).
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot check {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class ForeignFile(EngineError):
     """The data directory holds a file the engine did not write; we refuse to guess."""
 

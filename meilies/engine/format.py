@@ -1,5 +1,8 @@
 """The segment file format, version 1: the one module that owns the log's byte layout.
 
+docs/format.md tells the same in prose, with a worked example; this docstring and the
+constants below are the source of truth.
+
 A data directory holds segment files (``files.py`` names them). Each segment is::
 
     segment      := segment_header record*

@@ -69,6 +69,7 @@ from typing import ClassVar
 from . import checkpoint as ckpt
 from . import format as fmt
 from .errors import (CorruptIndex, DirectoryLocked, EngineError, InvalidArgument,
+                     UnreadableDirectory,
                      UnsupportedFormatVersion)
 from .files import (CHECKPOINT_NAME, LOCK_NAME, POSITION_INDEX_SUFFIX, SEGMENT_SUFFIX,
                     STREAM_INDEX_SUFFIX, TEMP_SUFFIX, DirectoryLock, checkpoint_path,
@@ -108,18 +109,6 @@ assert sys.byteorder == "little", "index entries are built with native-order arr
 
 
 # -- errors ------------------------------------------------------------------------------
-
-
-class UnreadableDirectory(EngineError):
-    """The path is missing, not a directory, unreadable, or not a MeiliES data directory.
-
-    fsck-specific until ``errors.py`` grows an equivalent; the CLI exits 2 on it.
-    """
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"cannot check {path}: {reason}")
-        self.path = path
-        self.reason = reason
 
 
 # -- problems ----------------------------------------------------------------------------

@@ -98,14 +98,16 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False
 
 
 def _frame_matches(buf, at: int, length: int, data_len: int, prefix: bytes, number: int) -> bool:
+    # Slices are compared as they are (mmap and bytes slices are bytes, memoryview
+    # slices compare by content): no copies, fsck's hot path.
     head = b"%s%d\r\n+" % (prefix, number)
-    if bytes(buf[at:at + len(head)]) != head:
+    if buf[at:at + len(head)] != head:
         return False
     tail = b"\r\n$%d\r\n" % data_len
     data_start = at + length - 2 - data_len
-    if bytes(buf[data_start - len(tail):data_start]) != tail:
+    if buf[data_start - len(tail):data_start] != tail:
         return False
-    return bytes(buf[at + length - 2:at + length]) == b"\r\n"
+    return buf[at + length - 2:at + length] == b"\r\n"
 
 
 def iter_records(buf, start: int, end: int, *, deep: bool = False
