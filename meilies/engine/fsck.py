@@ -923,7 +923,11 @@ class _Verifier:
             with open(segment.path, "rb") as handle:
                 buf = mmap.mmap(handle.fileno(), segment.size, prot=mmap.PROT_READ)
             try:
-                torn = valid_record_after(buf, offset, segment.size) is None
+                # As the engine's open does: only a record the log wrote after the bad
+                # one (position past it) makes this damage rather than a torn tail.
+                after = segment.base + segment.events_before(offset) + 1
+                torn = valid_record_after(buf, offset, segment.size,
+                                          min_position=after) is None
             finally:
                 close_map(buf)
             covered = self._checkpoint_size(segment.k)
