@@ -179,11 +179,14 @@ class Connection:
         sock = self.sock
         try:
             sock.settimeout(0)
-            data = sock.recv(1, socket.MSG_PEEK)
+            sock.recv(1, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError, socket.timeout):
             return False  # nothing to read: alive and idle
         except OSError:
             return True
+        finally:
+            if not self.closed:
+                sock.settimeout(self.timeout)
         return True  # EOF (b"") or unexpected bytes: either way unusable
 
     def close(self) -> None:

@@ -102,6 +102,13 @@ def test_publish_many_pipelines_in_order_across_batches(client):
         (i, f"e{i}", str(i).encode()) for i in range(2500)]
 
 
+def test_publish_many_sends_megabytes_on_a_reused_connection(client):
+    client.ping()  # the next call checks this idle connection first, then sends
+    data = bytes(range(256)) * 800
+    assert client.publish_many("big", [("e", data)] * 40) == 40
+    assert [e.data for e in read_back(client, "big", 40)] == [data] * 40
+
+
 def test_publish_many_stores_the_rest_and_raises_the_first_refusal(client):
     events = [("ok", "0"), ("bad\nname", "1"), ("ok", "2"), ("bad\x00", "3")]
     with pytest.raises(ResponseError) as info:

@@ -17,7 +17,6 @@ from conftest import TIMEOUT
 from serverproc import free_port, wait_for
 
 from meilies.cli.client import main, printable
-from meilies.client import Client
 
 
 def cli(port: int, *args: str, input=None, env=None):
