@@ -88,6 +88,10 @@ class Connection:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise ConnectionError(f"cannot connect to {host}:{port}: {_reason(exc)}") from exc
+        if _connected_to_itself(sock):
+            sock.close()
+            raise ConnectionError(f"cannot connect to {host}:{port}: nothing listens"
+                                  " (the socket connected to itself)")
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -209,6 +213,17 @@ class Connection:
         if isinstance(exc, socket.timeout):
             return TimeoutError(f"no reply from {self.address} in time")
         return ConnectionError(f"connection to {self.address} lost: {_reason(exc)}")
+
+
+def _connected_to_itself(sock: socket.socket) -> bool:
+    """A TCP quirk: on some kernels, connecting to a local port nobody listens on can
+    succeed when the kernel picks that same port as the source ("simultaneous open");
+    the client would then read its own requests. A reconnect loop aimed at a stopped
+    local server is where that can happen, so check: two cheap syscalls per connect."""
+    try:
+        return sock.getsockname() == sock.getpeername()
+    except OSError:
+        return False
 
 
 def _reason(exc: OSError) -> str:
