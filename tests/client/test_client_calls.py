@@ -6,7 +6,7 @@ import socket
 import threading
 
 import pytest
-from conftest import TIMEOUT
+from client_support import TIMEOUT
 from serverproc import wait_for
 
 from meilies.client import (ERROR_CLASSES, AuthenticationRequired, Client, ConnectionError,

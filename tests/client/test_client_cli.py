@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from click.testing import CliRunner
-from conftest import TIMEOUT
+from client_support import TIMEOUT
 from serverproc import free_port, wait_for
 
 from meilies.cli.client import main, printable

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import TIMEOUT
+from client_support import TIMEOUT
 
 SCRIPT = textwrap.dedent("""\
     from gevent import monkey

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from conftest import TIMEOUT
+from client_support import TIMEOUT
 
 from meilies.client import Client
 

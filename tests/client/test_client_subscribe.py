@@ -7,7 +7,7 @@ import logging
 import threading
 
 import pytest
-from conftest import TIMEOUT
+from client_support import TIMEOUT
 from serverproc import wait_for
 
 from meilies.client import Client, ConnectionError, Event, ResponseError, Spec, parse_spec
