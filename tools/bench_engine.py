@@ -115,12 +115,11 @@ def bench_open(directory: Path) -> float:
     return seconds
 
 
-def bench_fsck(directory: Path, events: int) -> float | None:
-    try:
-        from meilies.engine import fsck
-    except ImportError:
-        return None
-    seconds, _ = timed(lambda: fsck.verify(directory))
+def bench_fsck(directory: Path, events: int) -> float:
+    from meilies.engine import fsck
+    seconds, report = timed(lambda: fsck.verify(directory))
+    if report.problems:
+        raise RuntimeError(f"fsck found problems in the benchmark's own log: {report.problems}")
     return events / seconds
 
 
@@ -165,7 +164,7 @@ def main() -> None:
             args.runs, lambda: bench_reads(reads_dir, b"aggregate-3")).items()})
         if not args.skip_fsck:
             out["fsck_verify_events_per_s"] = median_of(
-                args.runs, lambda: bench_fsck(reads_dir, int(1_000_000 * s)) or 0.0)
+                args.runs, lambda: bench_fsck(reads_dir, int(1_000_000 * s)))
         shutil.rmtree(reads_dir)
 
         sizes = [(1_000_000, 10_000), (1_000_000, 1_000_000)]
