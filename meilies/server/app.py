@@ -7,9 +7,12 @@ engine calls happen on the gevent hub's thread, which is what the engine require
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import resource
 import signal
+import socket
 import time
 from dataclasses import dataclass
 
@@ -18,6 +21,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from ..engine import Engine
+from ..engine.errors import EngineError
 from ..engine.names import DEFAULT_MAX_EVENT_SIZE
 from . import resp
 from .commit import GroupCommit, sync_every_second
@@ -30,6 +34,15 @@ DEFAULT_PORT = 6480
 DEFAULT_MAXCLIENTS = 10000
 #: How long a graceful stop lets in-flight requests finish before cutting them.
 STOP_GRACE_SECONDS = 3.0
+#: File descriptors kept free for the engine's files, beyond those open at start, when
+#: the open-file limit caps the number of clients (Redis keeps 32).
+RESERVED_FDS = 64
+#: At most one log line per this many seconds about refused connections or a failing
+#: accept; the lines count what they summarise.
+REFUSAL_LOG_SECONDS = 10.0
+MAXCLIENTS_REACHED = resp.error("ERR max number of clients reached")
+#: accept() errors that mean "out of descriptors or memory, try again later".
+ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 @dataclass(frozen=True)
@@ -60,10 +73,16 @@ class Server:
         self.connections: set[Connection] = set()
         self.subscriptions_started = 0
         self.started = time.monotonic()
-        self._stream_server = StreamServer((config.host, config.port), self._handle,
-                                           backlog=1024)
+        self._stream_server = _Listener((config.host, config.port), self._handle,
+                                        backlog=1024)
         self._stopped = Event()
         self._background: list[gevent.Greenlet] = []
+        #: ``--maxclients``, lowered if the open-file limit cannot hold that many.
+        self.maxclients = config.maxclients
+        #: Connections refused because ``maxclients`` were connected.
+        self.refused = 0
+        self._refusals = _RateLimitedLog("refused %d connection(s): max number of clients"
+                                         " reached (%d connected, maxclients %d)")
 
     @property
     def port(self) -> int:
@@ -75,23 +94,30 @@ class Server:
 
     def start(self) -> None:
         """Bind and listen (raises OSError, e.g. EADDRINUSE), then serve in the background."""
+        self.maxclients = clients_allowed_by_open_file_limit(self.config.maxclients)
         self._stream_server.start()
         if self.config.fsync == "everysec":
             self._background.append(gevent.spawn(sync_every_second, self.engine))
 
-    def serve_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    def serve_until_signalled(self) -> bool:
+        """Serve until SIGTERM or SIGINT, then stop cleanly; see :meth:`stop`."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self._on_signal, signum)
         self._stopped.wait()
-        self.stop()
+        return self.stop()
 
     def _on_signal(self, signum: int) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         self._stopped.set()
 
-    def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, sync and close the engine."""
+    def stop(self) -> bool:
+        """Stop accepting, let in-flight requests finish, sync and close the engine.
+
+        Returns False if the last sync failed (events acknowledged under ``everysec`` or
+        ``no`` may not be on stable storage; under ``always`` every acknowledged one is).
+        A checkpoint that cannot be written (a full disk) is only a warning: it is
+        derived data, and the next start rebuilds it from the log.
+        """
         self._stream_server.close()
         for connection in list(self.connections):
             connection.stop()
@@ -103,16 +129,24 @@ class Server:
             connection._abort()
         gevent.killall(self._background)
         self.commit.close()
-        self.engine.close()
-        log.info("stopped: %d events in %d streams, synced and closed",
-                 self.engine.visible_position, len(self.engine.streams))
+        synced = True
+        try:
+            self.engine.sync()
+        except EngineError as exc:
+            synced = False
+            log.error("stopping: the last sync failed: %s", exc)
+        try:
+            self.engine.close()
+        except EngineError as exc:
+            log.warning("stopping: could not write the checkpoint (the next start rebuilds it"
+                        " from the log; no event is lost): %s", exc)
+        log.info("stopped: %d events in %d streams, %s", self.engine.visible_position,
+                 len(self.engine.streams), "synced and closed" if synced else "NOT synced")
+        return synced
 
     def _handle(self, sock, address) -> None:
-        if len(self.connections) >= self.config.maxclients:
-            try:
-                sock.sendall(resp.error("ERR max number of clients reached"))
-            except OSError as exc:
-                log.debug("refusing %s: %s", address, exc)
+        if len(self.connections) >= self.maxclients:
+            self._refuse(sock, address)
             return
         connection = Connection(self, sock, address)
         self.connections.add(connection)
@@ -124,6 +158,67 @@ class Server:
             log.debug("connection from %s closed", address)
 
 
+    def _refuse(self, sock, address) -> None:
+        """Over ``maxclients``: one error line, then close (the greenlet's return closes
+        the socket). Logged at most once per REFUSAL_LOG_SECONDS, with a count."""
+        self.refused += 1
+        self._refusals.note(len(self.connections), self.maxclients)
+        try:
+            sock.sendall(MAXCLIENTS_REACHED)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            log.debug("refusing %s: %s", address, exc)
+
+
+class _Listener(StreamServer):
+    """gevent's StreamServer, but an accept that fails for want of file descriptors or
+    memory (EMFILE, ENFILE, ...) is one rate-limited log line instead of a traceback per
+    attempt, and accepting pauses (10 ms, doubling up to 1 s) until it works again."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._pause = 0.01
+        self._exhausted = _RateLimitedLog("cannot accept a connection (%d time(s)): %s;"
+                                          " pausing accepts")
+
+    def do_read(self):
+        try:
+            accepted = super().do_read()
+        except OSError as exc:
+            if exc.errno not in ACCEPT_EXHAUSTED:
+                raise
+            self._exhausted.note(os.strerror(exc.errno))
+            self.stop_accepting()
+            gevent.spawn_later(self._pause, self._resume_accepting)
+            self._pause = min(self._pause * 2, 1.0)
+            return None
+        self._pause = 0.01
+        return accepted
+
+    def _resume_accepting(self) -> None:
+        if not self.closed:
+            self.start_accepting()
+
+
+class _RateLimitedLog:
+    """A warning that a flood could repeat thousands of times a second: logged at once
+    the first time, then at most once per REFUSAL_LOG_SECONDS with how many it stands for.
+    ``message`` takes the count, then ``note``'s arguments."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.count = 0
+        self.next_at = 0.0
+
+    def note(self, *args) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now >= self.next_at:
+            log.warning(self.message, self.count, *args)
+            self.count = 0
+            self.next_at = now + REFUSAL_LOG_SECONDS
+
+
 def raise_open_file_limit(wanted: int) -> int:
     """Raise RLIMIT_NOFILE's soft limit towards ``wanted`` (as far as the hard limit
     allows); return the limit in force."""
@@ -132,7 +227,29 @@ def raise_open_file_limit(wanted: int) -> int:
     if target > soft:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
+            log.info("raised the open-file limit from %d to %d", soft, target)
+            soft = target
         except (ValueError, OSError) as exc:
             log.warning("could not raise the open-file limit to %d: %s", target, exc)
+    if soft < wanted:
+        log.warning("the open-file limit is %d (hard limit %s), below the %d wanted", soft,
+                    "unlimited" if hard == resource.RLIM_INFINITY else hard, wanted)
     return soft
+
+
+def clients_allowed_by_open_file_limit(maxclients: int) -> int:
+    """``maxclients``, or fewer if the open-file limit in force cannot hold that many
+    connections beside the files open now and RESERVED_FDS more (logged)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return maxclients
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_now = 64
+    allowed = max(soft - open_now - RESERVED_FDS, 1)
+    if allowed < maxclients:
+        log.warning("the open-file limit (%d) allows about %d clients: serving at most %d,"
+                    " not %d (--maxclients)", soft, allowed, allowed, maxclients)
+        return allowed
+    return maxclients
