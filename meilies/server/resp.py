@@ -7,9 +7,12 @@ the parser holds no partial request: a line that does not start with ``*``.
 
 hiredis has no cap on the lengths a client announces, so while a request is still
 incomplete a header-level scan here checks the announced array and bulk lengths
-against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``) and that every element is a
-bulk string; it runs only when a read ends inside a request or something is wrong,
-so the usual path costs one ``gets()`` and a size sum per request (RequestParser).
+against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``, and ``max_request`` for the
+sum of one request's bulks) and that every element is a bulk string; it runs only
+when a read ends inside a request or something is wrong, so the usual path costs one
+``gets()`` and a size sum per request (RequestParser). The scan of a request that
+spans many reads resumes where the previous read left it, so a large request costs
+time in proportion to its size, not to its size times the number of reads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,12 @@ import hiredis
 MAX_ARRAY_LENGTH = 1024 * 1024
 #: Longest inline command line (Redis' PROTO_INLINE_MAX_SIZE).
 MAX_INLINE_LENGTH = 64 * 1024
+#: Most bytes of bulk data one request may announce in all (or one ``max_bulk``, if
+#: that is more): what a client can make the server hold for a request it has not
+#: finished sending (twice over: hiredis' buffer and the scan's). 128 events of the
+#: default maximum size in one ``append``. Without it the bound was
+#: MAX_ARRAY_LENGTH * max_bulk, a terabyte.
+MAX_REQUEST_BYTES = 128 * 1024 * 1024
 
 CRLF = b"\r\n"
 OK = b"+OK\r\n"
@@ -77,8 +86,11 @@ class RequestParser:
     does ``_scan`` walk the bytes in Python to find the offending request.
     """
 
-    def __init__(self, max_bulk: int) -> None:
+    def __init__(self, max_bulk: int, max_request: int | None = None) -> None:
         self.max_bulk = max_bulk
+        #: Most bulk bytes one request may announce in all.
+        self.max_request = max(max_bulk, MAX_REQUEST_BYTES if max_request is None
+                               else max_request)
         self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
         #: Bytes fed to hiredis since it last held no partial request (less a prefix
         #: already verified and dropped, see ``_guard``): what ``_scan`` walks.
@@ -95,6 +107,10 @@ class RequestParser:
         #: drops the bytes of an array's header and finished bulks while it waits.)
         self._clean = True
         self._inline = bytearray()
+        #: Where ``_skip_request`` stopped in the incomplete request at ``_partial``
+        #: offset ``[0]``: (start, element count, elements checked, offset of the next
+        #: element, bulk bytes announced by the checked ones). None: nothing to resume.
+        self._resume: tuple[int, int, int, int, int] | None = None
 
     def feed(self, data: bytes | memoryview) -> list[list[bytes]]:
         """Parse ``data``; return the complete requests. Raises :class:`ProtocolError`."""
@@ -155,6 +171,7 @@ class RequestParser:
     def _forget_partial(self) -> None:
         self._partial.clear()
         self._completed = self._encoded = self._verified = self._verified_count = 0
+        self._resume = None
 
     def _scan(self, requests: list[list[bytes]], first: int, before: int) -> tuple[int, int, bool]:
         """Walk ``_partial`` from the verified prefix, request by request.
@@ -216,39 +233,59 @@ class RequestParser:
             self._encoded -= verified  # verified requests are canonically encoded
             self._completed -= self._verified_count
             self._verified = self._verified_count = 0
+            if self._resume is not None:
+                start, count, checked, at, announced = self._resume
+                self._resume = (start - verified, count, checked, at - verified, announced)
 
-    def _skip_request(self, buf: bytearray, at: int) -> int:
-        """Offset after the request at ``at``, or -1 if it is incomplete.
+    def _skip_request(self, buf: bytearray, start: int) -> int:
+        """Offset after the request at ``start``, or -1 if it is incomplete.
 
         Raises :class:`ProtocolError` for an element that is not a bulk string and for
-        announced lengths that are malformed or over the limits.
+        announced lengths that are malformed or over the limits. An incomplete request
+        leaves ``_resume``, and the next call for it goes on from there.
         """
-        line_end = buf.find(CRLF, at)
-        if line_end < 0:
-            if len(buf) - at > MAX_INLINE_LENGTH:
-                raise ProtocolError("too big multibulk count")
-            return -1
-        count = _parse_length(buf, at + 1, line_end, "multibulk length")
-        if count <= 0 or count > MAX_ARRAY_LENGTH:
-            raise ProtocolError("invalid multibulk length")
-        at = line_end + 2
-        for _ in range(count):
+        resume = self._resume
+        if resume is not None and resume[0] == start:
+            _start, count, checked, at, announced = resume
+        else:
+            line_end = buf.find(CRLF, start)
+            if line_end < 0:
+                if len(buf) - start > MAX_INLINE_LENGTH:
+                    raise ProtocolError("too big multibulk count")
+                return -1
+            count = _parse_length(buf, start + 1, line_end, "multibulk length")
+            if count <= 0 or count > MAX_ARRAY_LENGTH:
+                raise ProtocolError("invalid multibulk length")
+            checked, at, announced = 0, line_end + 2, 0
+        max_bulk, max_request, size = self.max_bulk, self.max_request, len(buf)
+        while checked < count:
             line_end = buf.find(CRLF, at)
             if line_end < 0:
-                if len(buf) - at > 32:
+                if size - at > 32:
                     raise ProtocolError("bulk length line too long")
-                return -1
+                break
             if buf[at] != 0x24:  # not '$'
                 raise ProtocolError(f"expected '$', got '{chr(buf[at])}'")
             length = _parse_length(buf, at + 1, line_end, "bulk length")
             if length < 0:
                 raise ProtocolError("invalid bulk length")
-            if length > self.max_bulk:
-                raise ProtocolError(f"invalid bulk length {length} (at most {self.max_bulk})")
-            at = line_end + 2 + length + 2
-            if at > len(buf):
-                return -1
-        return at
+            if length > max_bulk:
+                raise ProtocolError(f"invalid bulk length {length} (at most {max_bulk})")
+            if announced + length > max_request:
+                raise ProtocolError(f"request too big (its bulks announce over {max_request}"
+                                    " bytes)")
+            end = line_end + 2 + length + 2
+            if end > size:
+                break
+            announced += length
+            at = end
+            checked += 1
+        else:
+            if resume is not None:
+                self._resume = None
+            return at
+        self._resume = (start, count, checked, at, announced)
+        return -1
 
     def _feed_inline(self, data: bytes, requests: list[list[bytes]]) -> bytes:
         """Consume inline lines from ``data``; return what follows them (RESP)."""
