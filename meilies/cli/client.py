@@ -79,7 +79,7 @@ def main(ctx: click.Context, host: str, port: int, password: str | None,
 def _data(value: str) -> bytes:
     """DATA as given on the command line, or stdin's bytes for ``-``."""
     if value == "-":
-        return click.get_binary_stream("stdin").read()
+        return sys.stdin.buffer.read()
     return os.fsencode(value)  # the argument's original bytes, even if not UTF-8
 
 
