@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
+#: Up to this many frames are sent with sendmsg as views of the log, not joined.
+FEW_FRAMES = 16
 #: Pipelined publishes grouped into one record stop growing past this many bytes.
 GROUP_BYTES = 4 * 1024 * 1024
 # One receive buffer for every connection: all run on one thread, and a connection
@@ -258,9 +260,14 @@ class Connection:
                 self._subscriptions.remove(current)
 
     def _send_frames(self, frames: list[memoryview]) -> None:
-        data = b"".join(frames)
+        """Send stored frames: a few large ones as views of the log (no copy of ours
+        while a slow client drains them), many small ones joined (one copy is cheaper
+        than a view object per frame)."""
         with self._send_lock:
-            _send_all(self.sock, data)
+            if len(frames) <= FEW_FRAMES:
+                _send_views(self.sock, frames)
+            else:
+                _send_all(self.sock, b"".join(frames))
 
     def _abort(self) -> None:
         """The peer is gone: make the request loop's ``recv`` return."""
@@ -287,3 +294,14 @@ def _send_all(sock, data: bytes) -> None:
 
 def _is_publish(name: bytes) -> bool:
     return name == b"publish" or name == b"PUBLISH" or name.lower() == b"publish"
+
+
+def _send_views(sock, views: list[memoryview]) -> None:
+    """Send every byte of ``views`` with ``sendmsg`` (gather, no joined copy)."""
+    pending = list(views)
+    while pending:
+        sent = sock.sendmsg(pending)
+        while pending and sent >= pending[0].nbytes:
+            sent -= pending.pop(0).nbytes
+        if sent:
+            pending[0] = pending[0][sent:]

@@ -2,9 +2,10 @@
 
 One greenlet per subscription reads the log from its own cursor (catch-up from disk
 and live events are the same loop), sends what it read, and sleeps on its wake-up
-when it has reached the head. It holds at most one read's worth of frames (the
-engine's ``max_bytes``, 1 MiB) while its socket drains: a slow subscriber lags behind
-in the log instead of growing a buffer, and never slows anyone else.
+when it has reached the head. It holds at most one read's worth of frames
+(``SEND_BYTES``, or one event larger than that) while its socket drains: a slow
+subscriber lags behind in the log instead of growing a buffer, and never slows
+anyone else.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from .errors import CommandError
 from .notify import Notifier
 
 
-#: About how many bytes of frames one ``send`` gets (the engine's read size for a stream).
-SEND_BYTES = 1024 * 1024
+#: About how many bytes of frames one read gets, and so what a subscriber whose client
+#: does not read holds at most (large frames are sent as views of the log, no copy).
+SEND_BYTES = 256 * 1024
 #: Largest event number a spec may name (numbers are u64 on disk).
 MAX_NUMBER = 2**64 - 1
 
@@ -93,7 +95,7 @@ def _serve_stream(spec, engine, wakeup, send, number) -> None:
     stream, stop = spec.stream, spec.stop
     while stop is None or number < stop:
         wakeup.clear()
-        frames, number = engine.stream_frames(stream, number, stop)
+        frames, number = engine.stream_frames(stream, number, stop, max_bytes=SEND_BYTES)
         if frames:
             send(frames)
         else:

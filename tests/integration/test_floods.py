@@ -275,9 +275,6 @@ def test_2000_stalled_silent_and_vanishing_clients_block_no_one(start_server):
     assert_no_traceback(server)
 
 
-@pytest.mark.xfail(strict=True, reason="connection.py _send_frames joins up to 1 MiB of frames"
-                   " (subscription.SEND_BYTES) into a new bytes object per blocked send: each"
-                   " subscriber that does not read pins ~1 MiB of the server's own memory")
 def test_a_subscriber_that_never_reads_pins_little_of_the_servers_memory(start_server):
     raise_own_open_file_limit(1024)
     server = start_server()
