@@ -3,6 +3,11 @@
 ``Server`` owns the engine, the group commit, the notifier and the gevent
 ``StreamServer``; every connection gets a greenlet of its own (connection.py). All
 engine calls happen on the gevent hub's thread, which is what the engine requires.
+
+Connections beyond ``--maxclients`` get ``-ERR max number of clients reached`` and are
+closed; ``maxclients`` is lowered at start if the open-file limit cannot hold that many
+(the CLI first raises the limit as far as the hard limit allows). Both, and an accept
+that fails for want of descriptors, are logged without flooding the log.
 """
 
 from __future__ import annotations
