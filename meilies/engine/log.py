@@ -27,12 +27,14 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from array import array
 from itertools import accumulate
 from pathlib import Path
+from typing import NamedTuple
 
 from . import checkpoint as ckpt
 from . import format as fmt
@@ -65,16 +67,19 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 Listener = Callable[[set[int]], None]
 
 
-@dataclass(frozen=True)
-class Event:
-    """One stored event. ``data`` is a zero-copy view of the log where possible."""
+class Event(NamedTuple):
+    """One stored event. ``data`` is a zero-copy view of the log where possible.
+
+    A named tuple, not a dataclass: readers build one per event, and a frozen
+    dataclass costs several times as much to construct.
+    """
 
     stream: bytes
     number: int
     name: bytes
     data: memoryview | bytes
     #: Global position; known when read through :meth:`Engine.read_all`, else None.
-    position: int | None
+    position: int | None = None
 
 
 @dataclass(frozen=True)
@@ -588,25 +593,34 @@ class Engine:
             return
         number = start
         while True:
-            frames, after = self.stream_frames(sid, number, stop)
-            if not frames:
+            spans, after = self._stream_spans(sid, number, stop, DEFAULT_MAX_EVENTS,
+                                              DEFAULT_MAX_BYTES)
+            if not spans:
                 return
-            for frame in frames:
-                yield _decode_frame(stream, number, frame, None)
-                number += 1
+            for segment, offsets, lengths in spans:
+                buf = segment.buffer(offsets[-1] + lengths[-1])
+                view = memoryview(buf)
+                for offset, length in zip(offsets, lengths):
+                    yield _event_at(buf, view, stream, number, offset, length, None)
+                    number += 1
 
     def read_all(self, position: int = 0) -> Iterator[Event]:
         """Every event visible now from global ``position`` on, in position order."""
+        names = self.streams.names
         while True:
             k = bisect.bisect_right(self._bases, position) - 1
             segment = self.segments[k]
-            frames, after = self.all_frames(position)
+            index = segment.index
+            _, _, _, after = self._all_spans(position, DEFAULT_MAX_EVENTS, 0, None, None)
             if after == position:
                 return
-            for i, frame in enumerate(frames):
-                entry = segment.index.entry(position - segment.base_position + i)
-                stream = self.streams.names[entry[2]]
-                yield _decode_frame(stream, entry[4], frame, position + i)
+            buf = segment.buffer(segment.written)
+            view = memoryview(buf)
+            first = position - segment.base_position
+            for i in range(first, after - segment.base_position):
+                offset, length, sid, _delta, number = index.entry(i)
+                yield _event_at(buf, view, names[sid], number, offset, length,
+                                segment.base_position + i)
             position = after
 
     # -- recovery ---------------------------------------------------------------------------
@@ -880,22 +894,18 @@ def _read_prefix(path: Path, count: int) -> bytes | None:
     return raw if len(raw) == count * ENTRY_SIZE else None
 
 
-def _decode_frame(stream: bytes, number: int, frame: memoryview, position: int | None) -> Event:
-    name_start, name_end, data_start, data_end = _fields(stream, number, frame)
-    return Event(stream, number, bytes(frame[name_start:name_end]), frame[data_start:data_end],
+_DATA_LENGTH = struct.Struct("<I")  # the event header's second field, before the frame
+_PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"
+
+
+def _event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, length: int,
+              position: int | None) -> Event:
+    """The event whose frame is ``buf[offset:offset + length]``, found by arithmetic:
+    the stream and number fix where the name starts, the event header the data length."""
+    data_len = _DATA_LENGTH.unpack_from(buf, offset - 4)[0]
+    data_end = offset + length - 2
+    data_start = data_end - data_len
+    name_start = offset + _PREFIX_LENGTH + len(stream) + len(str(number)) + 3
+    name_end = data_start - 5 - len(str(data_len))
+    return Event(stream, number, bytes(view[name_start:name_end]), view[data_start:data_end],
                  position)
-
-
-def _fields(stream: bytes, number: int, frame: memoryview) -> tuple[int, int, int, int]:
-    """Spans of the name and data inside a frame (offsets relative to the frame)."""
-    length = len(frame)
-    # The data length is the last $<n>\r\n before the data; parse from the known front.
-    name_start = len(fmt.FRAME_PREFIX) + len(stream) + 3 + len(str(number)) + 3
-    raw = bytes(frame[name_start:min(length, name_start + 300)])
-    name_len = raw.index(b"\r")
-    name_end = name_start + name_len
-    dollar = name_end + 3
-    digits_end = bytes(frame[dollar:dollar + 20]).index(b"\r")
-    data_len = int(bytes(frame[dollar:dollar + digits_end]))
-    data_start = dollar + digits_end + 2
-    return name_start, name_end, data_start, data_start + data_len
