@@ -90,7 +90,15 @@ def stream_names(conn: Connection, args: list[bytes]) -> bytes:
                     + [b"+%s\r\n" % name for name in names])
 
 
+#: Most specs one ``subscribe`` may carry: each is a greenlet and a first read, and one
+#: command must not hold the event loop long (more streams: more commands).
+MAX_SPECS_PER_SUBSCRIBE = 10_000
+
+
 def subscribe(conn: Connection, args: list[bytes]) -> bytes:
+    if len(args) - 1 > MAX_SPECS_PER_SUBSCRIBE:
+        raise CommandError(f"ERR too many subscription specs: {len(args) - 1}, at most"
+                           f" {MAX_SPECS_PER_SUBSCRIBE} per subscribe")
     specs = [parse_spec(raw) for raw in args[1:]]  # all or none: parse every spec first
     conn.subscribe(specs)
     return b""

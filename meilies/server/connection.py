@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
+#: Subscriptions started between two turns of the event loop (see subscribe).
+SPAWN_SLICE = 256
 #: Up to this many frames are sent with sendmsg as views of the log, not joined.
 FEW_FRAMES = 16
 #: Pipelined publishes grouped into one record stop growing past this many bytes.
@@ -242,9 +244,13 @@ class Connection:
             starts.append(start)
         # The confirmations must reach the client before any event of these specs.
         self.flush()
-        for spec, start, wakeup in zip(specs, starts, wakeups):
+        for i, (spec, start, wakeup) in enumerate(zip(specs, starts, wakeups), 1):
             greenlet = gevent.spawn(self._serve, spec, start, wakeup)
             self._subscriptions.append(greenlet)
+            if i % SPAWN_SLICE == 0:
+                # Let the loop poll (a timer does, sleep(0) may not) and serve others
+                # between slices of a subscribe with thousands of specs.
+                gevent.sleep(0.0001)
         server.subscriptions_started += len(specs)
 
     def _serve(self, spec: subscription.Spec, start: int, wakeup) -> None:

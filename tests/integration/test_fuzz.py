@@ -94,9 +94,8 @@ deep_array = st.builds(lambda depth, leaf: b"*1\r\n" * depth + leaf, st.integers
 
 @st.composite
 def huge_array(draw) -> bytes:
-    """A real array of up to 50,000 elements (or a header announcing more). (Larger ones
-    work, but a subscribe of 200,000 specs holds the server for seconds: see
-    test_floods.py's xfail.)"""
+    """A real array of up to 50,000 elements (or a header announcing more). (A subscribe
+    over commands.MAX_SPECS_PER_SUBSCRIBE specs is refused: see test_floods.py.)"""
     n = draw(st.integers(1000, 50_000))
     name = draw(st.sampled_from([b"$1\r\nx\r\n", b"$4\r\nping\r\n", b"$9\r\nsubscribe\r\n"]))
     element = draw(st.sampled_from([b"$1\r\nx\r\n", b"$2\r\nfz\r\n", b"+x\r\n", b"$0\r\n\r\n"]))
