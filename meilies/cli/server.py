@@ -76,7 +76,10 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
             _fail(f"cannot listen on {host}:{port}: address already in use")
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     log.info("listening on %s:%d (fsync %s)", host, server.port, fsync)
-    server.serve_until_signalled()
+    if not server.serve_until_signalled():
+        # The last sync failed: acknowledged events (under everysec or no) may not be on
+        # stable storage. The log said why; the exit code says so too.
+        sys.exit(1)
 
 
 def _fail(message: str) -> None:
