@@ -49,6 +49,9 @@ from pathlib import Path
 
 import hiredis
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import command  # noqa: E402  (tools/ is not a package)
+
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 #: Deadline for anything we wait on (a start, a read, a thread, an fsck).
@@ -58,17 +61,6 @@ CRASH_PROBLEMS = {"torn-tail"}
 
 
 # -- the wire ------------------------------------------------------------------------------
-
-
-def command(*args: bytes | str | int) -> bytes:
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
 
 
 class Conn:
