@@ -23,7 +23,6 @@ from gevent.socket import wait_read
 
 from ..engine import ANY
 from ..engine.errors import EngineError, InvalidArgument, StorageError
-from ..engine.names import check_data, check_event_name
 from . import commands, resp, subscription
 from .errors import NOAUTH, CommandError, engine_error_reply, unknown_command, wrong_arity
 
@@ -122,40 +121,37 @@ class Connection:
             i += 1
 
     def _publish_run(self, stream: bytes, run: list[list[bytes]]) -> None:
-        max_size = self.server.config.max_event_size
-        events: list[tuple[bytes, bytes]] = []
-        size = 0
-        for request in run:
-            if size > GROUP_BYTES:  # keep records (and what a failure takes back) modest
-                self._append_group(stream, events)
-                events, size = [], 0
-            try:
-                check_event_name(request[2])
-                check_data(request[3], max_size)
-            except InvalidArgument as exc:
-                self._append_group(stream, events)
-                events = []
-                self._out.append(engine_error_reply(exc))
-                continue
-            events.append((request[2], request[3]))
+        start = size = 0
+        for i, request in enumerate(run):
             size += len(request[3])
-        self._append_group(stream, events)
+            if size > GROUP_BYTES:  # keep records (and what a failure takes back) modest
+                self._append_group(stream, run[start:i + 1])
+                start, size = i + 1, 0
+        if start < len(run):
+            self._append_group(stream, run[start:])
 
-    def _append_group(self, stream: bytes, events: list[tuple[bytes, bytes]]) -> None:
-        if not events:
-            return
+    def _append_group(self, stream: bytes, requests: list[list[bytes]]) -> None:
+        """One append of the publishes ``requests``; if the engine refuses an argument,
+        each is appended on its own, so that only the bad ones get the error."""
         out = self._out
         try:
-            result = self.engine.append(stream, events, ANY, flush=False)
+            result = self.engine.append(stream, [(r[2], r[3]) for r in requests], ANY,
+                                        flush=False)
+        except InvalidArgument as exc:  # raised before anything is appended
+            if len(requests) > 1:
+                for request in requests:
+                    self._append_group(stream, [request])
+                return
+            out.append(engine_error_reply(exc))
+            return
         except EngineError as exc:
             reply = engine_error_reply(exc)
             if reply is None:
                 raise
-            out.extend([reply] * len(events))
+            out.extend([reply] * len(requests))
             return
-        for _ in events:
-            self.wrote(result.end_position)
-            out.append(resp.OK)
+        self.wrote(result.end_position, len(requests))
+        out.extend([resp.OK] * len(requests))
 
     def _execute(self, request: list[bytes]) -> None:
         command = commands.lookup(request[0])
@@ -189,14 +185,15 @@ class Connection:
 
     # -- durability of writes ---------------------------------------------------------------
 
-    def wrote(self, position: int) -> None:
-        """The reply being built answers an append not yet flushed, ending at ``position``.
+    def wrote(self, position: int, replies: int = 1) -> None:
+        """The next ``replies`` replies answer appends not yet flushed, ending at ``position``.
 
         The engine holds such appends in memory until ``_settle_writes``, which every
         path that yields or replies goes through first, so what is unflushed at any
         moment is this connection's alone.
         """
-        self._write_slots.append(len(self._out))
+        at = len(self._out)
+        self._write_slots.extend(range(at, at + replies))
         if position > self._durable_needed:
             self._durable_needed = position
 

@@ -408,3 +408,20 @@ def test_hello_authenticates_with_requirepass(start_server):
     client.send(command("hello", "3", "AUTH", "default", "pw"))
     assert read_hello(client)[0] == b"%7\r\n"
     assert client.call("ping") == b"+PONG\r\n"
+
+
+def test_a_bad_publish_inside_a_pipelined_run_gets_its_own_error(server):
+    # Pipelined publishes to one stream are stored as one record; a refused one must
+    # still be refused alone, the others stored with contiguous numbers, in order.
+    client = server.client()
+    names = [b"a", b"b", b"bad\x01name", b"d", b"e"]
+    client.send(b"".join(command("publish", "run", name, b"data-" + name) for name in names))
+    client.expect(b"+OK\r\n+OK\r\n")
+    error = client.read_reply()
+    assert error.startswith(b"-ERR invalid event-name"), error
+    client.expect(b"+OK\r\n+OK\r\n")
+    assert client.call("last-event-number", "run") == b"*3\r\n+last-event-number\r\n+run\r\n:3\r\n"
+    client.send(command("subscribe", "run:0:4"))
+    client.expect(subscribed(b"run"))
+    for number, name in enumerate([b"a", b"b", b"d", b"e"]):
+        client.expect(event_frame(b"run", number, name, b"data-" + name))
