@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 from gevent.lock import Semaphore
-from gevent.socket import wait_read
+from gevent.hub import get_hub
 
 from ..engine import ANY
 from ..engine.errors import EngineError, InvalidArgument, StorageError
@@ -68,13 +68,14 @@ class Connection:
     def run(self) -> None:
         parser = resp.RequestParser(max_bulk=self.server.config.max_bulk)
         sock = self.sock
-        fileno = sock.fileno()
+        hub = get_hub()
+        readable = hub.loop.io(sock.fileno(), 1)  # one watcher for the connection's life
         try:
             while not self.closing:
                 # Back to the event loop before every read, even when data is waiting:
                 # one read per connection per loop turn, as Redis serves clients, so
                 # a client that keeps its socket full cannot starve the others.
-                wait_read(fileno)
+                hub.wait(readable)
                 n = sock.recv_into(_RECV_BUFFER)
                 if not n:
                     return
@@ -93,6 +94,7 @@ class Connection:
         except OSError as exc:
             log.debug("connection %s: %s", self.address, exc)
         finally:
+            readable.close()
             self.busy = False
             gevent.killall(self._subscriptions, block=False)
 
