@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
+INTERNAL_ERROR = resp.error("ERR internal error")
 #: Subscriptions started between two turns of the event loop (see subscribe).
 SPAWN_SLICE = 256
 #: Up to this many frames are sent with sendmsg as views of the log, not joined.
@@ -149,8 +150,13 @@ class Connection:
         except EngineError as exc:
             reply = engine_error_reply(exc)
             if reply is None:
-                raise
+                log.exception("internal error appending %d publishes", len(requests))
+                reply = INTERNAL_ERROR
             out.extend([reply] * len(requests))
+            return
+        except Exception:  # a bug: answer as _execute does, and keep serving
+            log.exception("internal error appending %d publishes", len(requests))
+            out.extend([INTERNAL_ERROR] * len(requests))
             return
         self.wrote(result.end_position, len(requests))
         out.extend([resp.OK] * len(requests))
@@ -177,13 +183,14 @@ class Connection:
         except EngineError as exc:
             reply = engine_error_reply(exc)
             if reply is None:
-                raise
+                log.exception("internal error running %r", request[0][:64])
+                reply = INTERNAL_ERROR
             out.append(reply)
         except gevent.GreenletExit:
             raise
         except Exception:
             log.exception("internal error running %r", request[0][:64])
-            out.append(resp.error("ERR internal error"))
+            out.append(INTERNAL_ERROR)
 
     # -- durability of writes ---------------------------------------------------------------
 
