@@ -426,8 +426,8 @@ def test_server_refuses_damaged_directory_until_fsck_repairs_it(data_dir, start_
 
 def test_parallel_verify_finds_damage_in_a_middle_chunk(data_dir, monkeypatch):
     events = write_events(data_dir, streams=30, batches=20, segment_size=1 << 20)
-    monkeypatch.setattr(fsck, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(fsck, "CHUNK_BYTES", 16 * 1024)
+    monkeypatch.setattr(fsck.verifier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fsck.verifier, "CHUNK_BYTES", 16 * 1024)
     clean = fsck.verify(data_dir)
     assert clean.clean and clean.events == len(events)
 
@@ -453,8 +453,8 @@ def test_parallel_verify_finds_damage_in_a_middle_chunk(data_dir, monkeypatch):
 
 def test_parallel_verify_catches_numbering_broken_across_chunks(data_dir, monkeypatch):
     events = write_events(data_dir, streams=5, batches=40, segment_size=1 << 20)
-    monkeypatch.setattr(fsck, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(fsck, "CHUNK_BYTES", 4 * 1024)
+    monkeypatch.setattr(fsck.verifier, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fsck.verifier, "CHUNK_BYTES", 4 * 1024)
     newest = segment_files(data_dir)[-1]
     size = newest.stat().st_size
     append_record(newest, b"orders-2", 2, len(events), 399)  # orders-2 is at 400

@@ -1,0 +1,68 @@
+"""Repair: cut the log at the first bad record, drop the derived files, rebuild them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import DirectoryLocked, EngineError
+from ..files import CHECKPOINT_NAME, POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX, fsync_directory
+from .directory import _INDEX_FILE
+from .report import FsckReport, RepairResult
+
+
+def _remove(directory: Path, report: FsckReport) -> None:
+    """Delete the derived files, then cut the log (the caller holds the lock).
+
+    The checkpoint goes first, so that an interrupted repair never leaves one that
+    claims log which is gone; the engine rebuilds whatever is missing.
+    """
+    repair = report.repair
+    assert repair is not None
+    for name in [CHECKPOINT_NAME] + sorted(
+            name for name in os.listdir(directory)
+            if name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX))
+            and _INDEX_FILE.match(name)):
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            continue
+        repair.deleted_derived.append(name)
+    fsync_directory(directory)
+    removal = report.removal
+    if removal is None:
+        return
+    for path, _size_ in reversed(removal.delete):
+        os.unlink(path)
+    for path, new_size, _removed in removal.truncate:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, new_size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_directory(directory)
+    repair.removed = removal
+
+
+def _rebuild(directory: Path, repair: RepairResult) -> None:
+    """Open and close the engine: it rebuilds every index file and the checkpoint."""
+    from ..log import Engine  # the engine is only needed to repair
+
+    try:
+        engine = Engine.open(directory)
+    except DirectoryLocked as exc:
+        repair.error = f"log cut, but the rebuild could not start: {exc}"
+        return
+    except (EngineError, OSError) as exc:
+        repair.error = f"log cut, but the engine still refuses to open it: {exc}"
+        return
+    try:
+        report = engine.open_report
+        repair.rebuilt = list(report.rebuilt_indexes or [])
+        for recovered in report.recovered or []:
+            repair.rebuilt.append(f"{recovered.path.name}: the engine truncated"
+                                  f" {recovered.truncated_bytes} more bytes ({recovered.reason})")
+    finally:
+        engine.close()
