@@ -193,6 +193,8 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
         ("tcp_port", server.port),
         ("uptime_in_seconds", int(time.monotonic() - server.started)),
         ("connected_clients", server.connection_count),
+        ("maxclients", server.maxclients),
+        ("rejected_connections", server.refused),
         ("subscribers", server.notifier.subscriptions),
         ("streams", stats["streams"]),
         ("events", stats["events"]),

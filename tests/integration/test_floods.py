@@ -111,6 +111,8 @@ def test_beyond_maxclients_a_new_connection_gets_an_error_and_is_closed(start_se
         assert extra.closed_by_peer()
         assert extra.buffer == REFUSED
     assert info_field(first, "connected_clients") == "5"
+    assert info_field(first, "maxclients") == "5"
+    assert info_field(first, "rejected_connections") == "3"
     for client in clients:
         assert client.call("publish", "s", "e", "x") == b"+OK\r\n"
     # A slot that frees is a slot for the next client.
