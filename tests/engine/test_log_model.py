@@ -17,7 +17,6 @@ with ``everysec`` and ``no`` everything written is visible at once.
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import tempfile
@@ -298,27 +297,6 @@ class Run:
         else:
             getattr(self, kind)(*args)
         self.check_counters()
-
-
-class FailingFdatasync:
-    """Stands in for ``os.fdatasync`` (the system call, not the engine): fails with EIO
-    while ``failing`` is set. A healthy disk gives no other way to see a sync fail."""
-
-    def __init__(self, real) -> None:
-        self.real = real
-        self.failing = False
-
-    def __call__(self, fd: int) -> None:
-        if self.failing:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        self.real(fd)
-
-
-@pytest.fixture
-def fdatasync(monkeypatch) -> FailingFdatasync:
-    stand_in = FailingFdatasync(os.fdatasync)
-    monkeypatch.setattr(os, "fdatasync", stand_in)
-    return stand_in
 
 
 def run_operations(tmp_path: Path, fsync: str, segment_size: int, steps, fdatasync) -> None:

@@ -98,26 +98,6 @@ def test_failed_first_write_of_a_new_stream_after_a_roll_leaves_no_trace(tmp_pat
         assert engine.last_event_number(b"too-big") is None
 
 
-class FailingFdatasync:
-    """Stands in for ``os.fdatasync``: fails with EIO while ``failing`` is set."""
-
-    def __init__(self, real) -> None:
-        self.real = real
-        self.failing = False
-
-    def __call__(self, fd: int) -> None:
-        if self.failing:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        self.real(fd)
-
-
-@pytest.fixture
-def fdatasync(monkeypatch) -> FailingFdatasync:
-    stand_in = FailingFdatasync(os.fdatasync)
-    monkeypatch.setattr(os, "fdatasync", stand_in)
-    return stand_in
-
-
 @pytest.mark.parametrize("roll_first", [False, True], ids=["same-segment", "after-a-roll"])
 def test_failed_sync_takes_back_unsynced_appends_under_always(tmp_path, fdatasync, roll_first):
     engine = Engine.open(tmp_path, fsync="always", segment_size=600)
