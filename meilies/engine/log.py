@@ -27,7 +27,6 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -44,7 +43,8 @@ from .files import (DirectoryLock, checkpoint_path, fsync_directory, list_segmen
                     position_index_path, segment_path, stream_index_path)
 from .index import (ENTRY, ENTRY_SIZE, ActiveIndex, SealedIndex, sorted_stream_index,
                     write_file)
-from .names import DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name
+from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name,
+                    plain_event_name)
 from .recovery import BadRecord, RecoveryReport, ScannedRecord, iter_records, valid_record_after
 from .segment import Segment
 from .streams import StreamTable
@@ -123,9 +123,9 @@ class Engine:
         self._visible_position = 0
         self._durable_position = 0
         self._durable_size = 0  # bytes of the active segment known durable
-        #: Appended, not yet visible: (segment, frame_offset, frame_length, stream id,
-        #: position, number).
-        self._pending: list[tuple[Segment, int, int, int, int, int]] = []
+        #: Appended records not yet visible: (segment, frame offsets, frame lengths,
+        #: stream id, position and number of the first event).
+        self._pending: list[tuple[Segment, list[int], list[int], int, int, int]] = []
         #: How many of ``_pending`` are written to the kernel (the rest wait in memory).
         self._written_pending = 0
         self._listeners: list[Listener] = []
@@ -212,11 +212,15 @@ class Engine:
         else:
             if not events:
                 raise InvalidArgument("events", "an append needs at least one event")
-            total = 0
-            for name, data in events:
-                check_event_name(name)
-                check_data(data, max_size)
-                total += len(data) + len(name)
+            names = [name for name, _data in events]
+            sizes = [len(data) for _name, data in events]
+            # The usual batch passes in two C-level sweeps; otherwise the first bad
+            # event, in order, is named.
+            if not all(map(plain_event_name, names)) or max(sizes) > max_size:
+                for name, data in events:
+                    check_event_name(name)
+                    check_data(data, max_size)
+            total = sum(sizes) + sum(map(len, names))
             if total > MAX_BATCH_BYTES:
                 raise InvalidArgument("data", f"batch of {total} bytes is over {MAX_BATCH_BYTES}")
         streams = self.streams
@@ -233,35 +237,45 @@ class Engine:
             self._check_expected(stream, current, expected)
         position = self._next_position
         record_sid = len(streams) if new_stream else sid
-        if len(events) == 1:
-            data, frame_at, frame_len = fmt.encode_single(stream, record_sid, position, current,
-                                                          name, events[0][1])
-            frames = ((frame_at, frame_len),)
-        else:
-            encoded = fmt.encode_record(stream, record_sid, position, current, events)
-            data, frames = encoded.data, encoded.frames
+        segment = self.segments[-1]
+        data, offsets, lengths = self._encode(stream, record_sid, position, current, events,
+                                              segment.version)
         # Roll first, then create the stream: a roll writes a checkpoint, which must not
         # name a stream whose first record is not written yet (if that write then failed
         # or the process died, the checkpoint would hold a stream id the log never uses,
         # and the next new stream's records would contradict it).
-        segment = self.segments[-1]
         if segment.size + len(data) > self.segment_size:
+            old_version = segment.version
             segment = self._segment_for(len(data))
             assert position == self._next_position, "a roll must not move the log's end"
+            if segment.version != old_version:  # same size in every version
+                data, offsets, lengths = self._encode(stream, record_sid, position, current,
+                                                      events, segment.version)
         if new_stream:
             sid = streams.create(stream, position)
         offset = segment.append(data)
-        number = current
-        pending = self._pending
-        for frame_at, frame_len in frames:
-            pending.append((segment, offset + frame_at, frame_len, sid, position, number))
-            position += 1
-            number += 1
-        streams.next_number[sid] = number
-        self._next_position = position
+        offsets = [offset + at for at in offsets]
+        self._pending.append((segment, offsets, lengths, sid, position, current))
+        count = len(offsets)
+        streams.next_number[sid] = current + count
+        self._next_position = position + count
         if flush:
             self.flush()
-        return AppendResult(current, number - 1, position)
+        return AppendResult(current, current + count - 1, position + count)
+
+    @staticmethod
+    def _encode(stream: bytes, stream_id: int, position: int, number: int,
+                events: list[tuple[bytes, bytes]], version: int
+                ) -> tuple[bytes, list[int], list[int]]:
+        """The record for a batch, and its frames' offsets (in the record) and lengths."""
+        if len(events) == 1:
+            name, data = events[0]
+            record, frame_at, frame_len = fmt.encode_single(stream, stream_id, position, number,
+                                                            name, data, version)
+            return record, [frame_at], [frame_len]
+        encoded = fmt.encode_record(stream, stream_id, position, number, events,
+                                    version=version)
+        return encoded.data, encoded.offsets, encoded.lengths
 
     def flush(self) -> None:
         """Write appended records to the kernel (safe from a process crash from then on).
@@ -365,7 +379,7 @@ class Engine:
         del self._pending[first:]
         self._written_pending = min(self._written_pending, first)
         streams = self.streams
-        for _seg, _off, _len, sid, _pos, number in reversed(taken):
+        for _segment, _offsets, _lengths, sid, _position, number in reversed(taken):
             streams.next_number[sid] = number
         newest = len(streams) - 1
         while newest >= 0 and streams.next_number[newest] == 0:
@@ -377,12 +391,13 @@ class Engine:
         """Make pending events visible and tell the listeners which streams changed."""
         changed: set[int] = set()
         streams = self.streams
-        for segment, frame_offset, frame_length, sid, position, number in self._pending:
-            segment.index.add(frame_offset, frame_length, sid, position - segment.base_position,
-                              number)
-            streams.make_visible(sid, number + 1)
+        for segment, offsets, lengths, sid, position, number in self._pending:
+            segment.index.add_run(offsets, lengths, sid, position - segment.base_position,
+                                  number)
+            streams.make_visible(sid, number + len(offsets))
             changed.add(sid)
-        self._visible_position = self._pending[-1][4] + 1
+        _segment, offsets, _lengths, _sid, position, _number = self._pending[-1]
+        self._visible_position = position + len(offsets)
         self._pending.clear()
         self._written_pending = 0
         for listener in self._listeners:
@@ -894,18 +909,16 @@ def _read_prefix(path: Path, count: int) -> bytes | None:
     return raw if len(raw) == count * ENTRY_SIZE else None
 
 
-_DATA_LENGTH = struct.Struct("<I")  # the event header's second field, before the frame
 _PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"
 
 
 def _event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, length: int,
               position: int | None) -> Event:
-    """The event whose frame is ``buf[offset:offset + length]``, found by arithmetic:
-    the stream and number fix where the name starts, the event header the data length."""
-    data_len = _DATA_LENGTH.unpack_from(buf, offset - 4)[0]
-    data_end = offset + length - 2
-    data_start = data_end - data_len
+    """The event whose frame is ``buf[offset:offset + length]``, found in the frame
+    itself: the stream and number fix where the name starts, and the name (which holds
+    no CR or LF) ends at the first CRLF, before ``$<data length>``."""
     name_start = offset + _PREFIX_LENGTH + len(stream) + len(str(number)) + 3
-    name_end = data_start - 5 - len(str(data_len))
-    return Event(stream, number, bytes(view[name_start:name_end]), view[data_start:data_end],
-                 position)
+    name_end = buf.find(b"\r\n", name_start, offset + length)
+    data_start = buf.find(b"\r\n", name_end + 2, offset + length) + 2
+    return Event(stream, number, bytes(view[name_start:name_end]),
+                 view[data_start:offset + length - 2], position)

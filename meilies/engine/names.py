@@ -56,13 +56,14 @@ def check_stream_name(value: bytes) -> None:
         raise InvalidArgument("stream", "'$all' is reserved (subscribe only)")
 
 
-#: One C call that accepts the common event name: 1..255 printable ASCII bytes.
-_PLAIN_EVENT_NAME = re.compile(rb"[\x20-\x7e]{1,255}").fullmatch
+#: One C call that accepts the common event name, 1..255 printable ASCII bytes (a match,
+#: else None: then :func:`check_event_name` decides).
+plain_event_name = re.compile(rb"[\x20-\x7e]{1,255}").fullmatch
 
 
 def check_event_name(value: bytes) -> None:
     """Raise :class:`InvalidArgument` unless ``value`` may name an event."""
-    if _PLAIN_EVENT_NAME(value) is None:
+    if plain_event_name(value) is None:
         _check_name(value, "event-name", _ASCII_BAD_EVENT, whitespace=False)
 
 

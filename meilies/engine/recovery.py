@@ -14,12 +14,14 @@ reader and Redis' ``uxeof:``/``fmterr:`` split:
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterator
+from itertools import accumulate
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import format as fmt
-from .format import (EVENT_HEADER, EVENT_HEADER_SIZE, FORMAT_VERSION, RECORD_HEADER_SIZE,
+from .format import (EVENT_HEADER, EVENT_HEADER_SIZE, FORMAT_HISTORY, RECORD_HEADER_SIZE,
                      RECORD_MAGIC, RecordHeader)
 
 
@@ -70,31 +72,67 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False
         return BadRecord(offset, "record length runs past the end of the segment")
     if fmt.record_checksum(buf, offset, header.size) != header.checksum:
         return BadRecord(offset, "checksum mismatch")
-    if header.version != FORMAT_VERSION or header.flags != 0:
+    if header.version not in FORMAT_HISTORY or header.flags != 0:
         return BadRecord(offset, f"unknown record version {header.version} / flags {header.flags}")
-    if header.count == 0 or not 1 <= header.stream_name_length <= 255:
+    count = header.count
+    if count == 0 or not 1 <= header.stream_name_length <= 255:
         return BadRecord(offset, "record with no events or a bad stream name length")
     name_at = offset + RECORD_HEADER_SIZE
     stream = bytes(buf[name_at:name_at + header.stream_name_length])
     record = ScannedRecord(offset, header, stream)
     at = name_at + header.stream_name_length
     record_end = offset + header.size
-    prefix = fmt.stream_frame_prefix(stream) if deep else b""
-    for i in range(header.count):
+    framing = (_frames_v1 if header.version == 1 else _frames_v2)(buf, at, record_end, count)
+    if isinstance(framing, str):
+        return BadRecord(offset, framing)
+    record.frames, data_lengths = framing
+    if deep:
+        prefix = fmt.stream_frame_prefix(stream)
+        for i, ((frame_at, frame_len), data_len) in enumerate(zip(record.frames, data_lengths)):
+            if not _frame_matches(buf, frame_at, frame_len, data_len, prefix,
+                                  header.first_number + i):
+                return BadRecord(offset, f"event {i} frame does not match its header")
+    return record
+
+
+Framing = tuple[list[tuple[int, int]], list[int]]
+
+
+def _frames_v1(buf, at: int, record_end: int, count: int) -> Framing | str:
+    """A version 1 body (each frame after its own lengths): ((frame offset, frame
+    length) per event, data length per event), or why its framing is bad."""
+    frames, data_lengths = [], []
+    for i in range(count):
         if at + EVENT_HEADER_SIZE > record_end:
-            return BadRecord(offset, f"event {i} header runs past the record")
+            return f"event {i} header runs past the record"
         frame_len, data_len = EVENT_HEADER.unpack_from(buf, at)
         frame_at = at + EVENT_HEADER_SIZE
         if frame_at + frame_len > record_end or data_len + 2 > frame_len:
-            return BadRecord(offset, f"event {i} frame runs past the record")
-        if deep and not _frame_matches(buf, frame_at, frame_len, data_len, prefix,
-                                       header.first_number + i):
-            return BadRecord(offset, f"event {i} frame does not match its header")
-        record.frames.append((frame_at, frame_len))
+            return f"event {i} frame runs past the record"
+        frames.append((frame_at, frame_len))
+        data_lengths.append(data_len)
         at = frame_at + frame_len
     if at != record_end:
-        return BadRecord(offset, "record length does not match its events")
-    return record
+        return "record length does not match its events"
+    return frames, data_lengths
+
+
+def _frames_v2(buf, at: int, record_end: int, count: int) -> Framing | str:
+    """A version 2 body (every event's lengths, then the frames back to back); as
+    :func:`_frames_v1`."""
+    table_end = at + EVENT_HEADER_SIZE * count
+    if table_end > record_end:
+        return "the frame lengths run past the record"
+    table = array("I")
+    table.frombytes(buf[at:table_end])
+    frame_lengths, data_lengths = table[0::2].tolist(), table[1::2].tolist()
+    offsets = list(accumulate(frame_lengths, initial=table_end))
+    if offsets[-1] != record_end:
+        return "record length does not match its events"
+    for i, (frame_len, data_len) in enumerate(zip(frame_lengths, data_lengths)):
+        if data_len + 2 > frame_len:
+            return f"event {i} data runs past its frame"
+    return list(zip(offsets, frame_lengths)), data_lengths
 
 
 def _frame_matches(buf, at: int, length: int, data_len: int, prefix: bytes, number: int) -> bool:

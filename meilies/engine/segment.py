@@ -29,6 +29,8 @@ class Segment:
         self.path = segment_path(directory, base_position)
         #: Bytes of log (header included): written, plus appended but not yet flushed.
         self.size = size
+        #: The format version of the segment's header, and so of every record in it.
+        self.version = fmt.FORMAT_VERSION
         #: Bytes of log in the file; records past it wait in ``_unwritten``.
         self.written = size
         self._unwritten: list[bytes] = []
@@ -88,6 +90,7 @@ class Segment:
             raise CorruptSegment(segment.path, 0, f"header says base position"
                                  f" {header.base_position}, the file name {base_position}")
         segment.size = segment.written = size
+        segment.version = header.version
         return segment
 
     @staticmethod
@@ -99,7 +102,9 @@ class Segment:
             raw = handle.read(fmt.SEGMENT_HEADER_SIZE)
         if len(raw) >= fmt.SEGMENT_HEADER_SIZE:
             return None
-        if raw != fmt.encode_segment_header(base_position)[:len(raw)] and any(raw):
+        headers = [fmt.encode_segment_header(base_position, version)[:len(raw)]
+                   for version in fmt.FORMAT_HISTORY]
+        if raw not in headers and any(raw):
             return None
         return len(raw)
 

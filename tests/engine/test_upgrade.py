@@ -1,0 +1,124 @@
+"""A data directory written by format version 1 opens, reads and grows under version 2.
+
+``data/format-v1`` was written by MeiliES at commit e5d1596 (the last version 1
+writer): ``Engine.open(d, fsync="always", segment_size=2048)``, then
+``engine.append(stream, events)`` for each of :func:`v1_batches`, ``sync()`` and a
+clean ``close()`` (the ``LOCK`` file removed). Four segments: three sealed, the newest
+active, all version 1. Tests work on a copy; the fixture is never opened in place.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from engine_helpers import (crash_copy, read_everything, record_spans, resp_frame,
+                            segment_files)
+from meilies.engine import Engine, fsck
+from meilies.engine import format as fmt
+
+FIXTURE = Path(__file__).parent / "data" / "format-v1"
+SEGMENT_SIZE = 2048
+
+
+def v1_batches() -> list[tuple[bytes, list[tuple[bytes, bytes]]]]:
+    """The appends behind the fixture, in order: (stream, [(event name, data), ...])."""
+    out = []
+    for i in range(40):
+        stream = b"orders-%d" % (i % 3)
+        if i % 4 == 0:
+            out.append((stream, [(b"created", b'{"n": %d}' % i), (b"paid", b""),
+                                 (b"shipped", b"\r\n\x00\xff")]))
+        else:
+            out.append((stream, [(b"touched", bytes(range(i % 7)) * 9)]))
+    return out
+
+
+def expected_events(batches) -> list[tuple[bytes, int, bytes, bytes, int]]:
+    """(stream, number, name, data, position) of every event the batches append."""
+    numbers: dict[bytes, int] = {}
+    out = []
+    for stream, events in batches:
+        for name, data in events:
+            number = numbers.get(stream, 0)
+            numbers[stream] = number + 1
+            out.append((stream, number, name, data, len(out)))
+    return out
+
+
+def segment_version(path: Path) -> int:
+    return fmt.decode_segment_header(path.read_bytes()[:fmt.SEGMENT_HEADER_SIZE]).version
+
+
+def record_versions(path: Path) -> set[int]:
+    raw = path.read_bytes()
+    return {fmt.decode_record_header(raw, span.offset).version for span in record_spans(path)}
+
+
+@pytest.fixture
+def v1_dir(tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURE, tmp_path / "data"))
+
+
+def test_the_fixture_is_all_version_1(v1_dir):
+    segments = segment_files(v1_dir)
+    assert len(segments) == 4
+    for path in segments:
+        assert segment_version(path) == 1 and record_versions(path) == {1}
+
+
+def test_a_version_1_directory_reads_back_every_event(v1_dir):
+    expected = expected_events(v1_batches())
+    with Engine.open(v1_dir, segment_size=SEGMENT_SIZE) as engine:
+        assert engine.open_report.used_checkpoint
+        assert read_everything(engine) == expected
+        for stream in (b"orders-0", b"orders-1", b"orders-2"):
+            mine = [e for e in expected if e[0] == stream]
+            frames, after = engine.stream_frames(stream, 0)
+            assert after == len(mine)
+            assert b"".join(frames) == b"".join(resp_frame(s, n, name, data)
+                                                for s, n, name, data, _p in mine)
+    assert fsck.verify(v1_dir).clean
+
+
+def test_appends_fill_the_version_1_segment_then_roll_to_version_2(v1_dir):
+    more = [(b"orders-%d" % (i % 4), [(b"later", b"x" * (i % 50))] * (1 + i % 3))
+            for i in range(60)]
+    expected = expected_events(v1_batches() + more)
+    with Engine.open(v1_dir, segment_size=SEGMENT_SIZE) as engine:
+        for stream, events in more[:2]:
+            engine.append(stream, events)
+        # Still the upgraded directory's active segment: its records stay version 1.
+        assert len(segment_files(v1_dir)) == 4
+        for stream, events in more[2:]:
+            engine.append(stream, events)
+        engine.sync()
+        assert read_everything(engine) == expected
+    segments = segment_files(v1_dir)
+    assert len(segments) > 5
+    versions = [segment_version(path) for path in segments]
+    assert versions[:4] == [1, 1, 1, 1] and set(versions[4:]) == {2}
+    for path, version in zip(segments, versions):
+        assert record_versions(path) == {version}  # a segment never mixes versions
+    with Engine.open(v1_dir, segment_size=SEGMENT_SIZE) as engine:
+        assert read_everything(engine) == expected
+    report = fsck.verify(v1_dir)
+    assert report.clean, report.problems
+
+
+def test_a_crash_after_the_upgrade_recovers_both_versions(v1_dir, tmp_path):
+    more = [(b"orders-9", [(b"late", b"%d" % i)] * 4) for i in range(30)]
+    expected = expected_events(v1_batches() + more)
+    engine = Engine.open(v1_dir, segment_size=SEGMENT_SIZE)
+    try:
+        for stream, events in more:
+            engine.append(stream, events)
+        engine.sync()
+        crashed = crash_copy(v1_dir, tmp_path / "crashed")
+    finally:
+        engine.close()
+    with Engine.open(crashed, segment_size=SEGMENT_SIZE) as engine:
+        assert read_everything(engine) == expected
+    assert fsck.verify(crashed).clean
