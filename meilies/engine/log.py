@@ -41,12 +41,13 @@ from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed, 
                      InvalidArgument, StorageError, WrongExpectedVersion)
 from .files import (DirectoryLock, checkpoint_path, fsync_directory, list_segments,
                     position_index_path, segment_path, stream_index_path)
-from .index import (ENTRY, ENTRY_SIZE, ActiveIndex, SealedIndex, sorted_stream_index,
-                    write_file)
+from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, WORDS_PER_ENTRY,
+                    ActiveIndex, SealedIndex, sorted_stream_index, write_file)
 from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name,
                     plain_event_name)
 from .recovery import BadRecord, RecoveryReport, ScannedRecord, iter_records, valid_record_after
 from .segment import Segment
+from .spans import plan_spans
 from .streams import StreamTable
 
 log = logging.getLogger("meilies.engine")
@@ -487,29 +488,71 @@ class Engine:
         one frame when any is due), and the number after the last returned: call again
         from there. The frames are zero-copy views of the log.
         """
-        spans, number = self._stream_spans(stream, start, stop, max_events, max_bytes)
+        spans, number = self._stream_locations(stream, start, stop, max_events, max_bytes)
         frames: list[memoryview] = []
         for segment, offsets, lengths in spans:
             view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
             frames += [view[o:o + n] for o, n in zip(offsets, lengths)]
         return frames, number
 
-    def _stream_spans(self, stream: bytes | int, start: int, stop: int | None,
-                      max_events: int, max_bytes: int
-                      ) -> tuple[list[tuple[Segment, list[int], list[int]]], int]:
-        """Where the frames of :meth:`stream_frames` are: (segment, offsets, lengths)."""
+    def stream_spans(self, stream: bytes | int, start: int, stop: int | None = None, *,
+                     max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES
+                     ) -> tuple[list[memoryview], int]:
+        """The frames of :meth:`stream_frames`, in as few views of the log as it allows.
+
+        Each view holds one or more whole frames that lie back to back in the log (a
+        record's frames do, from format version 2 on), so the views joined are the
+        frames joined; what a subscriber is sent. A batch costs one view, and no
+        Python work per event (spans.py).
+        """
+        found = self._stream_range(stream, start, stop, max_events)
+        if found is None:
+            return [], start
+        sid, end, k = found
+        segments = self.segments
+        views: list[memoryview] = []
+        size = 0
+        number = start
+        while k < len(segments) and number < end:
+            segment = segments[k]
+            k += 1
+            first, available, taken, starts, ends = self._segment_stream_plan(
+                segment, sid, number, end, max_bytes - size, not views)
+            if taken:
+                view = memoryview(segment.buffer(ends[-1]))
+                views += [view[a:b] for a, b in zip(starts, ends)]
+                size += sum(ends) - sum(starts)
+                number = first + taken
+            if taken < available:  # the budget ran out inside this segment
+                break
+        return views, number
+
+    def _stream_range(self, stream: bytes | int, start: int, stop: int | None,
+                      max_events: int) -> tuple[int, int, int] | None:
+        """(stream id, number to stop before, first segment to look in) of a read, or
+        None when it has nothing to return."""
         self._check_open()
         sid = stream if isinstance(stream, int) else self.streams.ids.get(stream)
         if sid is None:
-            return [], start
+            return None
         end = self.streams.visible_next[sid]
         if stop is not None and stop < end:
             end = stop
         if start >= end:
-            return [], start
+            return None
         if end - start > max_events:
             end = start + max_events
         k = bisect.bisect_right(self._bases, self.streams.first_position[sid]) - 1
+        return sid, end, k
+
+    def _stream_locations(self, stream: bytes | int, start: int, stop: int | None,
+                          max_events: int, max_bytes: int
+                          ) -> tuple[list[tuple[Segment, list[int], list[int]]], int]:
+        """Where the frames of :meth:`stream_frames` are: (segment, offsets, lengths)."""
+        found = self._stream_range(stream, start, stop, max_events)
+        if found is None:
+            return [], start
+        sid, end, k = found
         segments = self.segments
         spans = []
         size = 0
@@ -532,6 +575,44 @@ class Engine:
             size += total
             number = first + len(offsets)
         return spans, number
+
+    def _segment_stream_plan(self, segment: Segment, sid: int, start: int, end: int,
+                             budget: int, at_least_one: bool
+                             ) -> tuple[int, int, int, list[int], list[int]]:
+        """Plan reading numbers [start, end) of a stream from one segment within
+        ``budget`` bytes: (first number there, frames available, frames taken, and the
+        starts and ends of the byte ranges that hold them; see spans.plan_spans)."""
+        index = segment.index
+        if isinstance(index, ActiveIndex):
+            run = index.streams.get(sid)
+            if run is None:
+                return start, 0, 0, [], []
+            first_number = run[0]
+            lo = max(start, first_number)
+            hi = min(end, first_number + (len(run) - 1) // 2)
+            if hi <= lo:
+                return start, 0, 0, [], []
+            # Released before returning: appends grow the run, which a live view forbids.
+            with memoryview(run) as view:
+                taken, starts, ends = plan_spans(view, 1 + 2 * (lo - first_number),
+                                                 2 + 2 * (lo - first_number), 2, hi - lo,
+                                                 budget, at_least_one)
+            return lo, hi - lo, taken, starts, ends
+        stream_index = segment.stream_index
+        i, j = stream_index.stream_run(sid)
+        if i == j:
+            return start, 0, 0, [], []
+        first_number = stream_index.entry(i)[4]
+        lo = max(start, first_number)
+        hi = min(end, first_number + (j - i))
+        if hi <= lo:
+            return start, 0, 0, [], []
+        at = (i + lo - first_number) * WORDS_PER_ENTRY
+        with memoryview(stream_index.buffer) as raw, raw.cast("I") as words:
+            taken, starts, ends = plan_spans(words, at + FRAME_OFFSET_WORD,
+                                             at + FRAME_LENGTH_WORD, WORDS_PER_ENTRY, hi - lo,
+                                             budget, at_least_one)
+        return lo, hi - lo, taken, starts, ends
 
     def _segment_stream_frames(self, segment: Segment, sid: int, start: int, end: int
                                ) -> tuple[int, list[int], list[int]]:
@@ -559,14 +640,26 @@ class Engine:
         returned; the position after the last event examined comes back with them.
         With ``max_bytes``, reading stops after about that many bytes of frames.
         """
-        segment, offsets, lengths, after = self._all_spans(position, max_events, min_number,
-                                                           max_number, max_bytes)
+        segment, offsets, lengths, after = self._all_locations(position, max_events, min_number,
+                                                               max_number, max_bytes)
         if not offsets:
             return [], after
         view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
         return [view[o:o + n] for o, n in zip(offsets, lengths)], after
 
-    def _all_spans(self, position: int, max_events: int, min_number: int,
+    def all_spans(self, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
+                  min_number: int = 0, max_number: int | None = None,
+                  max_bytes: int | None = None) -> tuple[list[memoryview], int]:
+        """The frames of :meth:`all_frames`, in as few views as the log allows (see
+        :meth:`stream_spans`)."""
+        segment, offsets, lengths, after = self._all_locations(position, max_events, min_number,
+                                                               max_number, max_bytes)
+        if not offsets:
+            return [], after
+        view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+        return [view[a:b] for a, b in contiguous_runs(offsets, lengths)], after
+
+    def _all_locations(self, position: int, max_events: int, min_number: int,
                    max_number: int | None, max_bytes: int | None
                    ) -> tuple[Segment | None, list[int], list[int], int]:
         self._check_open()
@@ -608,8 +701,8 @@ class Engine:
             return
         number = start
         while True:
-            spans, after = self._stream_spans(sid, number, stop, DEFAULT_MAX_EVENTS,
-                                              DEFAULT_MAX_BYTES)
+            spans, after = self._stream_locations(sid, number, stop, DEFAULT_MAX_EVENTS,
+                                                  DEFAULT_MAX_BYTES)
             if not spans:
                 return
             for segment, offsets, lengths in spans:
@@ -626,7 +719,7 @@ class Engine:
             k = bisect.bisect_right(self._bases, position) - 1
             segment = self.segments[k]
             index = segment.index
-            _, _, _, after = self._all_spans(position, DEFAULT_MAX_EVENTS, 0, None, None)
+            _, _, _, after = self._all_locations(position, DEFAULT_MAX_EVENTS, 0, None, None)
             if after == position:
                 return
             buf = segment.buffer(segment.written)
@@ -907,6 +1000,43 @@ def _read_prefix(path: Path, count: int) -> bytes | None:
     except FileNotFoundError:
         return None
     return raw if len(raw) == count * ENTRY_SIZE else None
+
+
+def contiguous_runs(offsets: list[int], lengths: list[int], before: list[int] | None = None
+                    ) -> list[tuple[int, int]]:
+    """Byte ranges ``(start, end)`` that cover the frames at ``offsets`` (increasing, not
+    overlapping) with ``lengths``, one range per run of frames that lie back to back.
+
+    ``before`` is ``accumulate(lengths, initial=0)`` if the caller has it. Frame k
+    continues the run of frame i exactly when ``offsets[k] - before[k]`` equals
+    ``offsets[i] - before[i]``; that key never decreases, so each run's end is found by
+    galloping and bisection, with a few Python steps per run rather than per frame.
+    """
+    count = len(offsets)
+    if count == 1:
+        return [(offsets[0], offsets[0] + lengths[0])]
+    if before is None:
+        before = list(accumulate(lengths, initial=0))
+    if offsets[-1] - before[count - 1] == offsets[0]:  # all one run: the usual batch
+        return [(offsets[0], offsets[-1] + lengths[-1])]
+    runs = []
+    i = 0
+    while i < count:
+        key = offsets[i] - before[i]
+        inside, step = i, 1  # inside: known in the run; probe past it, doubling the step
+        probe = i + 1
+        while probe < count and offsets[probe] - before[probe] == key:
+            inside, step = probe, step * 2
+            probe = min(count, probe + step)
+        while probe - inside > 1:  # the run ends in (inside, probe]
+            middle = (inside + probe) // 2
+            if offsets[middle] - before[middle] == key:
+                inside = middle
+            else:
+                probe = middle
+        runs.append((offsets[i], offsets[inside] + lengths[inside]))
+        i = inside + 1
+    return runs
 
 
 _PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"

@@ -35,7 +35,7 @@ RECV_SIZE = 256 * 1024
 INTERNAL_ERROR = resp.error("ERR internal error")
 #: Subscriptions started between two turns of the event loop (see subscribe).
 SPAWN_SLICE = 256
-#: Up to this many frames are sent with sendmsg as views of the log, not joined.
+#: Up to this many views of the log are sent with sendmsg as they are, not joined.
 FEW_FRAMES = 16
 #: Pipelined publishes grouped into one record stop growing past this many bytes.
 GROUP_BYTES = 4 * 1024 * 1024
@@ -271,15 +271,15 @@ class Connection:
             if current in self._subscriptions:
                 self._subscriptions.remove(current)
 
-    def _send_frames(self, frames: list[memoryview]) -> None:
-        """Send stored frames: a few large ones as views of the log (no copy of ours
-        while a slow client drains them), many small ones joined (one copy is cheaper
-        than a view object per frame)."""
+    def _send_frames(self, views: list[memoryview]) -> None:
+        """Send stored frames: a few views of the log as they are (no copy of ours while
+        a slow client drains them; a stored batch is one view), many small ones joined
+        (one copy is cheaper than a view per frame to the kernel)."""
         with self._send_lock:
-            if len(frames) <= FEW_FRAMES:
-                _send_views(self.sock, frames)
+            if len(views) <= FEW_FRAMES:
+                _send_views(self.sock, views)
             else:
-                _send_all(self.sock, b"".join(frames))
+                _send_all(self.sock, b"".join(views))
 
     def _abort(self) -> None:
         """The peer is gone: make the request loop's ``recv`` return."""

@@ -2,7 +2,9 @@
 
 One greenlet per subscription reads the log from its own cursor (catch-up from disk
 and live events are the same loop), sends what it read, and sleeps on its wake-up
-when it has reached the head. It holds at most one read's worth of frames
+when it has reached the head. A read comes back as a few views of the log (one per
+run of frames that lie back to back: a stored batch is one), sent as they are. It
+holds at most one read's worth of frames
 (``SEND_BYTES``, or one event larger than that) while its socket drains: a slow
 subscriber lags behind in the log instead of growing a buffer, and never slows
 anyone else.
@@ -95,9 +97,9 @@ def _serve_stream(spec, engine, wakeup, send, number) -> None:
     stream, stop = spec.stream, spec.stop
     while stop is None or number < stop:
         wakeup.clear()
-        frames, number = engine.stream_frames(stream, number, stop, max_bytes=SEND_BYTES)
-        if frames:
-            send(frames)
+        views, number = engine.stream_spans(stream, number, stop, max_bytes=SEND_BYTES)
+        if views:
+            send(views)
         else:
             wakeup.wait()
 
@@ -106,11 +108,11 @@ def _serve_all(spec, engine, wakeup, send, position) -> None:
     low = spec.start or 0
     while True:
         wakeup.clear()
-        frames, after = engine.all_frames(position, min_number=low, max_number=spec.stop,
-                                          max_bytes=SEND_BYTES)
+        views, after = engine.all_spans(position, min_number=low, max_number=spec.stop,
+                                        max_bytes=SEND_BYTES)
         if after == position:
             wakeup.wait()
             continue
         position = after
-        if frames:
-            send(frames)
+        if views:
+            send(views)

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,12 @@ operations = st.one_of(
 )
 
 EXAMPLES = int(os.environ.get("MEILIES_MODEL_EXAMPLES", "120"))
+
+
+def assert_whole_frames(views, frames) -> None:
+    """Each view ends where a frame ends: views hold whole frames only."""
+    ends = set(accumulate(len(f) for f in frames))
+    assert set(accumulate(len(v) for v in views)) <= ends
 
 
 @dataclass
@@ -262,6 +269,12 @@ class Run:
             assert len(frames) <= max_events
             assert len(frames) == 1 or sum(len(f) for f in frames) <= max_bytes
             assert after == number + len(frames)
+            # The same read as few views: the same bytes, whole frames in each view.
+            views, spans_after = self.engine.stream_spans(stream, number, max_events=max_events,
+                                                          max_bytes=max_bytes)
+            assert spans_after == after and len(views) <= len(frames)
+            assert b"".join(views) == b"".join(frames)
+            assert_whole_frames(views, frames)
             got += [bytes(f) for f in frames]
             number = after
         assert got == want
@@ -279,6 +292,11 @@ class Run:
                                                    min_number=min_number,
                                                    max_number=max_number)
             assert len(frames) <= max_events and after <= max(at, len(visible))
+            views, spans_after = self.engine.all_spans(at, max_events=max_events,
+                                                       min_number=min_number,
+                                                       max_number=max_number)
+            assert spans_after == after and b"".join(views) == b"".join(frames)
+            assert_whole_frames(views, frames)
             if after == at:
                 assert not frames
                 break

@@ -305,3 +305,27 @@ def test_frames_held_by_a_reader_survive_appends_rolls_and_close(tmp_path, fsync
     assert len(segment_files(tmp_path)) > 3
     engine.close()
     assert [bytes(view) for view in held] == expected
+
+
+def test_a_stored_batch_is_read_as_one_view(tmp_path):
+    """Format 2 keeps a record's frames back to back: a catch-up read of a batch is one
+    slice of the log, one of single publishes is one slice each (headers between)."""
+    with Engine.open(tmp_path, fsync="no") as engine:
+        batch = [(b"e", b"%d" % i * 30) for i in range(50)]
+        engine.append(b"alpha", batch)
+        engine.append(b"beta", [(b"other", b"")])
+        engine.append(b"alpha", batch[:3])
+        for i in range(4):
+            engine.append(b"alpha", [(b"one", b"%d" % i)])
+        frames, after = engine.stream_frames(b"alpha", 0)
+        views, spans_after = engine.stream_spans(b"alpha", 0)
+        assert (after, spans_after) == (57, 57)
+        assert [len(v) for v in views] == [sum(len(f) for f in frames[:50]),
+                                           sum(len(f) for f in frames[50:53]),
+                                           *[len(f) for f in frames[53:]]]
+        assert b"".join(views) == b"".join(frames)
+        views, after = engine.stream_spans(b"alpha", 10, 20)  # the middle of a batch
+        assert after == 20 and len(views) == 1 and bytes(views[0]) == b"".join(frames[10:20])
+        views, after = engine.all_spans(0)
+        assert after == 58 and len(views) == 7  # alpha's 50, beta's 1, alpha's 3, then 4
+        assert b"".join(views) == b"".join(engine.all_frames(0)[0])
