@@ -61,6 +61,8 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 #: A batch's body may not exceed this (frame offsets are u32 within a segment).
 MAX_BATCH_BYTES = fmt.MAX_BODY_LENGTH
+#: Take-backs remembered for writers waiting to hear whether their appends stayed.
+LOSSES_KEPT = 4096
 #: Per-call caps of the frame readers: bound what one reader holds in memory.
 DEFAULT_MAX_EVENTS = 4096
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -127,6 +129,11 @@ class Engine:
         #: Appended records not yet visible: (segment, frame offsets, frame lengths,
         #: stream id, position and number of the first event).
         self._pending: list[tuple[Segment, list[int], list[int], int, int, int]] = []
+        #: Appends taken back (first position lost, the error), newest last; see
+        #: :meth:`lost_since`. Older ones are forgotten, counted in _losses_forgotten.
+        self._losses: list[tuple[int, StorageError]] = []
+        self._losses_forgotten = 0
+        self._forgotten_loss: StorageError | None = None
         #: How many of ``_pending`` are written to the kernel (the rest wait in memory).
         self._written_pending = 0
         self._listeners: list[Listener] = []
@@ -290,8 +297,8 @@ class Engine:
             return
         try:
             segment.flush()
-        except StorageError:
-            self._take_back(self._written_pending)
+        except StorageError as exc:
+            self._take_back(self._written_pending, exc)
             raise
         self._written_pending = len(self._pending)
         if self.fsync != "always":
@@ -357,9 +364,9 @@ class Engine:
         if self._durable_position < self._next_position:
             try:
                 self.segments[-1].sync()
-            except StorageError:
+            except StorageError as exc:
                 if self.fsync == "always":
-                    self._take_back(0)
+                    self._take_back(0, exc)
                     self.segments[-1].truncate_to(self._durable_size)
                 raise
             self._durable_position = self._next_position
@@ -368,15 +375,20 @@ class Engine:
             self._publish()
         return self._durable_position
 
-    def _take_back(self, first: int) -> None:
+    def _take_back(self, first: int, error: StorageError) -> None:
         """Forget pending appends ``first`` and after: their write or sync failed.
 
         Rewinds the stream table and the log's end, so that no part of them is ever
-        read; the caller cuts the file back (a failed write already has).
+        read; the caller cuts the file back (a failed write already has). Remembered
+        for :meth:`lost_since`.
         """
         taken = self._pending[first:]
         if not taken:
             return
+        self._losses.append((taken[0][4], error))
+        if len(self._losses) > LOSSES_KEPT:
+            self._forgotten_loss = self._losses.pop(0)[1]
+            self._losses_forgotten += 1
         del self._pending[first:]
         self._written_pending = min(self._written_pending, first)
         streams = self.streams
@@ -387,6 +399,31 @@ class Engine:
             streams.drop_newest(newest)
             newest -= 1
         self._next_position = taken[0][4]
+
+    @property
+    def loss_mark(self) -> int:
+        """How many times appends were taken back so far: what a writer notes when it
+        appends, to ask :meth:`lost_since` once it is told its sync is done."""
+        return self._losses_forgotten + len(self._losses)
+
+    def lost_since(self, mark: int, end_position: int) -> StorageError | None:
+        """The error that took back appends ending at or before ``end_position`` made
+        after ``loss_mark`` was ``mark``, or None if none of them was taken back.
+
+        Positions are handed out again after a take-back, so ``durable_position``
+        alone cannot tell a writer that its events went: any sync may fail (a roll's,
+        a checkpoint's, another writer's flush), not only the one it waits for. A
+        take-back of the appends from position P on took this writer's when P is
+        below its ``end_position``. Beyond the LOSSES_KEPT newest take-backs the
+        answer is the conservative one: an error.
+        """
+        start = mark - self._losses_forgotten
+        if start < 0:
+            return self._forgotten_loss
+        for position, error in self._losses[start:]:
+            if position < end_position:
+                return error
+        return None
 
     def _publish(self) -> None:
         """Make pending events visible and tell the listeners which streams changed."""

@@ -61,6 +61,8 @@ class Connection:
         #: they need durable.
         self._write_slots: list[int] = []
         self._durable_needed = 0
+        #: ``engine.loss_mark`` before the first of those appends (see commit.wait).
+        self._loss_mark = 0
         self._send_lock = Semaphore()
         self._subscriptions: list[gevent.Greenlet] = []
 
@@ -195,32 +197,33 @@ class Connection:
     # -- durability of writes ---------------------------------------------------------------
 
     def wrote(self, position: int, replies: int = 1) -> None:
-        """The next ``replies`` replies answer appends not yet flushed, ending at ``position``.
-
-        The engine holds such appends in memory until ``_settle_writes``, which every
-        path that yields or replies goes through first, so what is unflushed at any
-        moment is this connection's alone.
-        """
+        """The next ``replies`` replies answer appends not yet durable, ending at
+        ``position``; ``_settle_writes`` settles them before anything is sent."""
+        if not self._write_slots:
+            self._loss_mark = self.engine.loss_mark
         at = len(self._out)
         self._write_slots.extend(range(at, at + replies))
         if position > self._durable_needed:
             self._durable_needed = position
 
     def _settle_writes(self) -> None:
-        """Flush this connection's appends and, under ``--fsync always``, wait for the
-        group commit covering them; if either fails the engine has taken the appends
-        back, and their replies become errors."""
+        """Make this connection's appends safe before replying: under ``--fsync
+        always`` wait for the group commit (which writes and syncs them with everyone
+        else's), otherwise write them now. If that fails, or a failure took them back
+        meanwhile, the engine has forgotten them, and their replies become errors."""
         if not self._write_slots:
             return
         try:
-            self.engine.flush()
             if self.server.config.fsync == "always":
-                self.server.commit.wait(self._durable_needed)
+                self.server.commit.wait(self._durable_needed, self._loss_mark)
+            else:
+                self.engine.flush()
         except StorageError as exc:
             reply = engine_error_reply(exc)
             for slot in self._write_slots:
                 self._out[slot] = reply
         self._write_slots.clear()
+        self._durable_needed = 0
 
     def flush(self) -> None:
         """Send every reply built so far, once their writes are durable."""
