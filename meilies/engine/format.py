@@ -62,6 +62,7 @@ import time
 from array import array
 from dataclasses import dataclass
 from itertools import accumulate
+from operator import itemgetter
 
 import xxhash
 
@@ -192,7 +193,7 @@ def encode_record(stream: bytes, stream_id: int, base_position: int, first_numbe
     lengths = list(map(len, frames))
     table = array("I", bytes(8 * count))
     table[0::2] = array("I", lengths)
-    table[1::2] = array("I", [len(data) for _name, data in events])
+    table[1::2] = array("I", map(len, map(itemgetter(1), events)))
     at = RECORD_HEADER_SIZE + len(stream)
     if version == 1:  # each frame right after its own two lengths
         body = b"".join([b"".join(pair) for pair in zip(_pairs(table), frames)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 import gevent
@@ -109,7 +110,14 @@ class Connection:
         one after the other. They are acknowledged together anyway, after the same
         write (and sync); a request that fails its checks still gets its own error.
         """
-        i, count = 0, len(requests)
+        count = len(requests)
+        if count == 1:
+            self._execute(requests[0])
+            return
+        if self.authenticated and _publishes_to_one_stream(requests):
+            self._publish_run(requests[0][1], requests)  # a producer's batch, whole
+            return
+        i = 0
         while i < count and not self.closing:
             request = requests[i]
             if len(request) == 4 and self.authenticated and _is_publish(request[0]):
@@ -126,9 +134,13 @@ class Connection:
             i += 1
 
     def _publish_run(self, stream: bytes, run: list[list[bytes]]) -> None:
+        sizes = list(map(len, map(_DATA, run)))
+        if sum(sizes) <= GROUP_BYTES:
+            self._append_group(stream, run)
+            return
         start = size = 0
-        for i, request in enumerate(run):
-            size += len(request[3])
+        for i, length in enumerate(sizes):
+            size += length
             if size > GROUP_BYTES:  # keep records (and what a failure takes back) modest
                 self._append_group(stream, run[start:i + 1])
                 start, size = i + 1, 0
@@ -140,7 +152,7 @@ class Connection:
         each is appended on its own, so that only the bad ones get the error."""
         out = self._out
         try:
-            result = self.engine.append(stream, [(r[2], r[3]) for r in requests], ANY,
+            result = self.engine.append(stream, list(map(_EVENT, requests)), ANY,
                                         flush=False)
         except InvalidArgument as exc:  # raised before anything is appended
             if len(requests) > 1:
@@ -309,6 +321,23 @@ def _send_all(sock, data: bytes) -> None:
 
 def _is_publish(name: bytes) -> bool:
     return name == b"publish" or name == b"PUBLISH" or name.lower() == b"publish"
+
+
+#: A publish request's (event name, data), and its data.
+_EVENT = itemgetter(2, 3)
+_DATA = itemgetter(3)
+
+
+def _publishes_to_one_stream(requests: list[list[bytes]]) -> bool:
+    """Whether every request is a ``publish`` with its three arguments, all to one
+    stream: checked with C-level passes, not a Python step per request."""
+    if set(map(len, requests)) != {4} or len(set(map(_STREAM, requests))) != 1:
+        return False
+    return all(map(_is_publish, set(map(_NAME, requests))))
+
+
+_NAME = itemgetter(0)
+_STREAM = itemgetter(1)
 
 
 def _send_views(sock, views: list[memoryview]) -> None:
