@@ -6,8 +6,8 @@
     python3 tools/bench_engine.py --runs 3        # median of 3 runs per figure
 
 Figures: append events/s (100-byte events; single appends and batches of 100; fsync
-no and always), stream-range and $all read events/s (frames, as the server reads them,
-and decoded Event objects), open seconds for logs of 1M and 10M events with 10,000 and
+no and always), stream-range and $all read events/s (a view per frame; views of whole
+batches, as the server sends them; and decoded Event objects), open seconds for logs of 1M and 10M events with 10,000 and
 1,000,000 streams, and fsck verify events/s.
 """
 
@@ -87,6 +87,17 @@ def bench_reads(directory: Path, stream: bytes) -> dict[str, float]:
     seconds, n = timed(frames_of_stream)
     figures["stream_read_frames_events_per_s"] = n / seconds
 
+    def spans_of_stream():  # what a catch-up subscriber is sent: views of whole batches
+        number = 0
+        while True:
+            views, after = engine.stream_spans(stream, number, max_bytes=256 * 1024)
+            if not views:
+                return number
+            number = after
+
+    seconds, n = timed(spans_of_stream)
+    figures["stream_read_spans_events_per_s"] = n / seconds
+
     def events_of_stream():
         return sum(1 for _ in engine.read_stream(stream, 0))
 
@@ -104,6 +115,17 @@ def bench_reads(directory: Path, stream: bytes) -> dict[str, float]:
 
     seconds, n = timed(frames_of_all)
     figures["all_read_frames_events_per_s"] = n / seconds
+
+    def spans_of_all():
+        position = 0
+        while True:
+            _views, after = engine.all_spans(position, max_bytes=256 * 1024)
+            if after == position:
+                return position
+            position = after
+
+    seconds, n = timed(spans_of_all)
+    figures["all_read_spans_events_per_s"] = n / seconds
     figures["read_log_events"] = n
     engine.close()
     return figures

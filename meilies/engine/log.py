@@ -729,27 +729,53 @@ class Engine:
                   max_bytes: int | None = None) -> tuple[list[memoryview], int]:
         """The frames of :meth:`all_frames`, in as few views as the log allows (see
         :meth:`stream_spans`)."""
-        segment, offsets, lengths, after = self._all_locations(position, max_events, min_number,
-                                                               max_number, max_bytes)
-        if not offsets:
-            return [], after
-        view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
-        return [view[a:b] for a, b in contiguous_runs(offsets, lengths)], after
+        if min_number != 0 or max_number is not None:  # numbers to filter: entry by entry
+            segment, offsets, lengths, after = self._all_locations(
+                position, max_events, min_number, max_number, max_bytes)
+            if not offsets:
+                return [], after
+            view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+            return [view[a:b] for a, b in contiguous_runs(offsets, lengths)], after
+        found = self._all_range(position, max_events)
+        if found is None:
+            return [], position
+        segment, first, stop = found
+        index = segment.index
+        buf = index.buffer if isinstance(index, SealedIndex) else index.entries
+        at = first * WORDS_PER_ENTRY
+        # Released before returning: the active index grows, which a live view forbids.
+        with memoryview(buf) as raw, raw.cast("I") as words:
+            taken, starts, ends = plan_spans(words, at + FRAME_OFFSET_WORD,
+                                             at + FRAME_LENGTH_WORD, WORDS_PER_ENTRY,
+                                             stop - first,
+                                             MAX_BATCH_BYTES if max_bytes is None else max_bytes,
+                                             True)
+        view = memoryview(segment.buffer(ends[-1]))
+        return [view[a:b] for a, b in zip(starts, ends)], segment.base_position + first + taken
 
-    def _all_locations(self, position: int, max_events: int, min_number: int,
-                   max_number: int | None, max_bytes: int | None
-                   ) -> tuple[Segment | None, list[int], list[int], int]:
+    def _all_range(self, position: int, max_events: int) -> tuple[Segment, int, int] | None:
+        """(segment, first entry, entry to stop before) of a read of the log from global
+        ``position``, within one segment; None when there is nothing to read."""
         self._check_open()
         end = self._visible_position
         if position >= end:
-            return None, [], [], position
+            return None
         k = bisect.bisect_right(self._bases, position) - 1
         segment = self.segments[k]
         first = position - segment.base_position
         stop = min(segment.index.count, first + max_events,
                    end - segment.base_position)
         if stop <= first:
+            return None
+        return segment, first, stop
+
+    def _all_locations(self, position: int, max_events: int, min_number: int,
+                       max_number: int | None, max_bytes: int | None
+                       ) -> tuple[Segment | None, list[int], list[int], int]:
+        found = self._all_range(position, max_events)
+        if found is None:
             return None, [], [], position
+        segment, first, stop = found
         if min_number == 0 and max_number is None:
             offsets, lengths = segment.index.frames(first, stop)
             kept = None
@@ -1122,10 +1148,15 @@ _PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +
 def _event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, length: int,
               position: int | None) -> Event:
     """The event whose frame is ``buf[offset:offset + length]``, found in the frame
-    itself: the stream and number fix where the name starts, and the name (which holds
-    no CR or LF) ends at the first CRLF, before ``$<data length>``."""
+    itself: the stream and number fix where the name starts; the name (which holds no
+    CR or LF) ends at the first CRLF; what follows it is ``\\r\\n$<n>\\r\\n``, the
+    data (n bytes) and ``\\r\\n``, so the n digits plus n itself fill the rest."""
     name_start = offset + _PREFIX_LENGTH + len(stream) + len(str(number)) + 3
     name_end = buf.find(b"\r\n", name_start, offset + length)
-    data_start = buf.find(b"\r\n", name_end + 2, offset + length) + 2
+    data_end = offset + length - 2
+    rest = data_end - name_end - 5  # digits + data length
+    digits = len(str(rest))
+    if len(str(rest - digits)) != digits:  # a carry: the length has one digit fewer
+        digits -= 1
     return Event(stream, number, bytes(view[name_start:name_end]),
-                 view[data_start:offset + length - 2], position)
+                 view[name_end + 5 + digits:data_end], position)
