@@ -1,0 +1,222 @@
+"""``resp.RequestParser`` fed directly: what it returns, what it refuses, and why.
+
+The parser trusts hiredis for arrays of bulk strings and checks the rest cheaply (the
+canonical size of what hiredis completed against the bytes fed, and ``has_data()`` right
+after a request for a clean boundary); the slow byte scan runs only when that check
+fails or a read ends inside a request. These tests pin the answers where the shortcut
+could go wrong: elements that are not bulk strings (hiredis parses them all), reads
+ending inside a request, inline lines after RESP, and a clean boundary after many
+requests. They need no server.
+"""
+
+from __future__ import annotations
+
+import random
+
+import hiredis
+import pytest
+
+from meilies.server import resp
+
+MAX_BULK = 1024 * 1024 + 64 * 1024
+
+
+def command(*args: bytes) -> bytes:
+    """The canonical RESP encoding of a request: an array of bulk strings."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+PING = [b"ping"]
+PUBLISH = [b"publish", b"s", b"ev", bytes(range(100))]
+
+
+def feed(parser: resp.RequestParser, *reads: bytes) -> list[list[bytes]]:
+    """Every request the reads yield, in order."""
+    requests: list[list[bytes]] = []
+    for data in reads:
+        requests += parser.feed(data)
+    return requests
+
+
+def refusal(*reads: bytes) -> tuple[str, list[list[bytes]]]:
+    """Feed a fresh parser until it refuses: the reason, and every request it gave."""
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    requests: list[list[bytes]] = []
+    for data in reads:
+        try:
+            requests += parser.feed(data)
+        except resp.ProtocolError as exc:
+            return exc.reason, requests + exc.requests
+    raise AssertionError(f"accepted: {requests!r}")
+
+
+def varied_requests(rng: random.Random, count: int) -> list[list[bytes]]:
+    """Requests whose element counts and lengths cross every digit-count boundary."""
+    lengths = [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 4095, 4096, 9999, 10000]
+    return [[bytes([65 + i % 26]) * rng.choice(lengths)
+             for i in range(rng.choice([1, 2, 4, 9, 10, 11]))] for _ in range(count)]
+
+
+# -- well-formed input ----------------------------------------------------------------------
+
+
+def test_many_pipelined_requests_in_one_read_come_back_whole_and_in_order():
+    requests = varied_requests(random.Random(1), 1000)
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(b"".join(command(*r) for r in requests)) == requests
+    assert not parser._partial  # a clean boundary holds no bytes
+    # ... and what starts there is read afresh: a line that is not RESP is inline.
+    assert parser.feed(b"PING\r\n") == [[b"PING"]]
+    assert parser.feed(command(*PUBLISH) * 256) == [PUBLISH] * 256
+    assert not parser._partial
+
+
+SHAPES = [(count, length) for count in [1, 9, 10, 11, 99, 100, 1000]
+          for length in [0, 1, 9, 10, 99, 100, 999, 1000, 4095, 4096, 9999, 10000, 100_000,
+                         1_000_000] if count * length <= 4_000_000]
+
+
+@pytest.mark.parametrize("count, length", SHAPES)
+def test_canonical_requests_need_no_byte_scan(monkeypatch, count, length):
+    # The size check accounts for every digit of every length exactly: were it off by
+    # one anywhere, a well-formed read would be walked byte by byte (and a request that
+    # is not well formed could be taken for one).
+    def no_scan(*args):
+        raise AssertionError("well-formed requests were scanned")
+
+    monkeypatch.setattr(resp.RequestParser, "_scan", no_scan)
+    request = [b"x" * length] * count
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(command(*request)) == [request]
+    assert parser.feed(command(*PING) + command(*request) * 3) == [PING] + [request] * 3
+    assert not parser._partial
+
+
+def test_a_read_ending_inside_a_request_gets_the_rest_later():
+    requests = varied_requests(random.Random(2), 40)
+    data = b"".join(command(*r) for r in requests)
+    step = max(1, len(data) // 2000)  # a couple of thousand cut points, all kinds of places
+    for cut in range(0, len(data) + 1, step):
+        parser = resp.RequestParser(max_bulk=MAX_BULK)
+        assert feed(parser, data[:cut], data[cut:]) == requests, cut
+        assert not parser._partial
+        assert parser.feed(b"PING\r\n") == [[b"PING"]]
+
+
+def test_a_pipeline_in_random_pieces_is_parsed_whole():
+    rng = random.Random(3)
+    requests = varied_requests(rng, 300)
+    data = b"".join(command(*r) for r in requests)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(data)), 30))
+        reads = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        parser = resp.RequestParser(max_bulk=MAX_BULK)
+        assert feed(parser, *reads) == requests
+        assert not parser._partial
+
+
+def test_a_request_arriving_byte_by_byte_is_one_request():
+    data = command(*PUBLISH) + command(*PING)
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert feed(parser, *(data[i:i + 1] for i in range(len(data)))) == [PUBLISH, PING]
+    assert not parser._partial
+
+
+def test_requests_followed_by_an_inline_line_in_the_same_read():
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(command(*PUBLISH) * 3 + b"PING\r\n") == [PUBLISH] * 3 + [[b"PING"]]
+    assert parser.feed(command(*PING) + b"+PING\r\n" + command(*PING)) == \
+        [PING, [b"+PING"], PING]
+    # The inline line split across reads, RESP after it.
+    assert parser.feed(command(*PING) + b"ECHO 'a b'") == [PING]
+    assert parser.feed(b" c\r\n" + command(*PUBLISH)) == [[b"ECHO", b"a b", b"c"], PUBLISH]
+    assert not parser._partial
+
+
+def test_a_push_type_after_a_request_is_taken_as_inline_lines():
+    # hiredis returns '>' (RESP3 push) as a list subclass: not a request.
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(command(*PING) + b">1\r\n$4\r\nPING\r\n") == \
+        [PING, [b">1"], [b"$4"], [b"PING"]]
+
+
+# -- elements that are not bulk strings ------------------------------------------------------
+
+# Each parses in hiredis as an element of an array; a request may hold only bulk strings.
+NOT_BULK = [
+    pytest.param(b"+PING\r\n", "expected '$', got '+'", id="simple-string"),
+    pytest.param(b"+0123456789\r\n", "expected '$', got '+'", id="long-simple-string"),
+    pytest.param(b":12\r\n", "expected '$', got ':'", id="integer"),
+    pytest.param(b"$-1\r\n", "invalid bulk length", id="nil-bulk"),
+    pytest.param(b"*-1\r\n", "expected '$', got '*'", id="nil-array"),
+    pytest.param(b"*0\r\n", "expected '$', got '*'", id="empty-array"),
+    pytest.param(b"*1\r\n$1\r\nx\r\n", "expected '$', got '*'", id="nested-array"),
+    pytest.param(b"-ERR x\r\n", "expected '$', got '-'", id="error"),
+    pytest.param(b"_\r\n", "expected '$', got '_'", id="resp3-null"),
+    pytest.param(b",1.5\r\n", "expected '$', got ','", id="resp3-double"),
+    pytest.param(b"#t\r\n", "expected '$', got '#'", id="resp3-boolean"),
+    pytest.param(b"(123\r\n", "expected '$', got '('", id="resp3-big-number"),
+    pytest.param(b"=8\r\ntxt:PING\r\n", "expected '$', got '='", id="resp3-verbatim"),
+    pytest.param(b"%1\r\n$1\r\na\r\n$1\r\nb\r\n", "expected '$', got '%'", id="resp3-map"),
+    pytest.param(b"~1\r\n$1\r\nx\r\n", "expected '$', got '~'", id="resp3-set"),
+    pytest.param(b">1\r\n$1\r\nx\r\n", "expected '$', got '>'", id="resp3-push"),
+]
+
+
+@pytest.mark.parametrize("element, reason", NOT_BULK)
+@pytest.mark.parametrize("where", ["first", "last", "alone"])
+def test_an_element_that_is_not_a_bulk_string_is_refused(element, reason, where):
+    bad = {"first": b"*2\r\n" + element + b"$4\r\nping\r\n",
+           "last": b"*2\r\n$4\r\nping\r\n" + element,
+           "alone": b"*1\r\n" + element}[where]
+    # Alone in a read; after good requests (these run); with good ones after it.
+    assert refusal(bad) == (reason, [])
+    assert refusal(command(*PUBLISH) * 5 + bad) == (reason, [PUBLISH] * 5)
+    good = command(*PING) + command(*PUBLISH)
+    data = good + bad + good
+    assert refusal(data) == (reason, [PING, PUBLISH])
+    # Wherever the reads are cut, the same refusal after the same requests.
+    for cut in range(1, len(data)):
+        assert refusal(data[:cut], data[cut:]) == (reason, [PING, PUBLISH]), cut
+
+
+def test_a_short_element_then_a_read_ending_inside_a_request_is_refused():
+    # The simple string makes its request 4 bytes shorter than its canonical encoding,
+    # and the read ends after 4 bytes of the next request: the sizes agree, but hiredis
+    # holds part of a request, so this is no clean boundary and the scan must run.
+    bad = b"*1\r\n+0123456789\r\n"
+    assert refusal(bad + b"*2\r\n") == ("expected '$', got '+'", [])
+    assert refusal(command(*PING) + bad + b"*2\r\n") == ("expected '$', got '+'", [PING])
+    assert refusal(command(*PING) + bad + b"*2\r\n", command(*PING)[4:]) == \
+        ("expected '$', got '+'", [PING])
+
+
+def test_a_request_completed_by_a_later_read_with_a_bad_element_is_refused():
+    head = command(*PING) + b"*3\r\n$7\r\npublish\r\n$1\r\ns\r\n"
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(head) == [PING]
+    with pytest.raises(resp.ProtocolError) as caught:
+        parser.feed(b"+e\r\n$1\r\nx\r\n" + command(*PING))
+    assert caught.value.reason == "expected '$', got '+'"
+    assert caught.value.requests == []
+
+
+@pytest.mark.parametrize("request_", [b"*0\r\n", b"*-1\r\n"])
+def test_an_empty_or_nil_array_as_a_request_is_refused(request_):
+    assert refusal(command(*PING) + request_ + command(*PING)) == \
+        ("invalid multibulk length", [PING])
+
+
+def test_a_resp_line_cut_short_by_an_inline_line_is_refused():
+    assert refusal(command(*PING) + b"*2\r\n$1\r\na\r\nPING\r\n") == \
+        ("expected '$', got 'P'", [PING])
+
+
+def test_what_hiredis_refuses_is_refused_with_its_reason_after_the_good_requests():
+    bad = b"*1\r\n$01\r\nx\r\n"  # leading zero: our scan would pass it, hiredis does not
+    reader = hiredis.Reader()
+    reader.feed(bad)
+    with pytest.raises(hiredis.ProtocolError) as caught:
+        reader.gets()
+    assert refusal(command(*PING) * 2 + bad + command(*PING)) == \
+        (str(caught.value), [PING, PING])
