@@ -9,8 +9,9 @@ hiredis has no cap on the lengths a client announces, so while a request is stil
 incomplete a header-level scan here checks the announced array and bulk lengths
 against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``, and ``max_request`` for the
 sum of one request's bulks) and that every element is a bulk string; it runs only
-when a read ends inside a request or something is wrong, so the usual path costs one
-``gets()`` and a size sum per request (RequestParser). The scan of a request that
+when a read ends inside a request or something is wrong, so the usual path costs, per
+request, one ``gets()``, one ``has_data()``, and its canonical size summed from table
+lookups, one per element, with an exact type check (RequestParser). The scan of a request that
 spans many reads resumes where the previous read left it, so a large request costs
 time in proportion to its size, not to its size times the number of reads.
 """
@@ -35,6 +36,15 @@ OK = b"+OK\r\n"
 PONG = b"+PONG\r\n"
 NIL = b"$-1\r\n"
 EMPTY_ARRAY = b"*0\r\n"
+
+_NOT_AN_ARRAY = "expected an array of bulk strings"
+
+#: Canonical encoded sizes, looked up by the parse loop (one cheap bytecode, where
+#: ``len(str(n))`` builds a string): ``_HEADER[count]`` for ``*<count>CRLF``,
+#: ``_ELEMENT[n]`` for ``$<n>CRLF<n bytes>CRLF``. They cover the counts and lengths of
+#: nearly every request (about 400 KB); past them, ``_canonical_size``.
+_HEADER = [3 + len(str(count)) for count in range(1024)]
+_ELEMENT = [n + 5 + len(str(n)) for n in range(10_000)]
 
 #: Returned by ``hiredis.Reader.gets()`` when the buffer holds no complete request.
 #: (``False``, the default, could not be told apart from a parsed value.)
@@ -128,7 +138,11 @@ class RequestParser:
         return requests
 
     def _feed_resp(self, data: bytes, requests: list[list[bytes]]) -> bytes:
-        """Parse RESP requests; return the bytes of an inline command that follows them."""
+        """Parse RESP requests; return the bytes of an inline command that follows them.
+
+        The loop counts in locals what it completes; ``_count`` writes the counts to the
+        parser before anything reads them (``_resync``, ``_guard``, the size check).
+        """
         reader = self._reader
         reader.feed(data)
         self._partial += data
@@ -137,29 +151,39 @@ class RequestParser:
         before = self._completed  # requests of _partial completed by earlier calls
         gets = reader.gets
         has_data = reader.has_data
+        append = requests.append
+        header, element = _HEADER, _ELEMENT
+        encoded = 0  # the canonical size of requests[first:]
         while True:
             try:
                 request = gets()
             except hiredis.ProtocolError as exc:
+                self._count(requests, first, encoded)
                 return self._resync(requests, first, before, str(exc))
             if request is NOT_ENOUGH_DATA:
                 break
             if type(request) is not list or not request:
-                return self._resync(requests, first, before, "expected an array of bulk strings")
+                self._count(requests, first, encoded)
+                return self._resync(requests, first, before, _NOT_AN_ARRAY)
             # The canonical size: *<count>CRLF, then $<len>CRLF<data>CRLF per element.
-            size = 3 + len(str(len(request))) + 5 * len(request)
-            for item in request:
-                if type(item) is not bytes:
-                    return self._resync(requests, first, before,
-                                        "expected an array of bulk strings")
-                n = len(item)
-                size += n + (1 if n < 10 else len(str(n)))
-            requests.append(request)
-            self._completed += 1
-            self._encoded += size
+            try:
+                size = header[len(request)]
+                for item in request:
+                    if type(item) is not bytes:
+                        size = -1
+                        break
+                    size += element[len(item)]
+            except IndexError:  # a count or a length past the tables
+                size = _canonical_size(request)
+            if size < 0:
+                self._count(requests, first, encoded)
+                return self._resync(requests, first, before, _NOT_AN_ARRAY)
+            append(request)
+            encoded += size
             if not has_data():  # the data ended with this request: a clean boundary
                 self._clean = True
                 break
+        self._count(requests, first, encoded)
         if self._clean:
             if self._encoded != len(self._partial):
                 return self._resync(requests, first, before, None)
@@ -167,6 +191,11 @@ class RequestParser:
         else:
             self._guard(requests, first, before)
         return b""
+
+    def _count(self, requests: list[list[bytes]], first: int, encoded: int) -> None:
+        """Add the requests completed since ``first``, of canonical size ``encoded``."""
+        self._completed += len(requests) - first
+        self._encoded += encoded
 
     def _forget_partial(self) -> None:
         self._partial.clear()
@@ -309,6 +338,21 @@ class RequestParser:
                 requests.append(words)
         del buf[:at]
         return b""
+
+
+def _canonical_size(request: list) -> int:
+    """The bytes ``request`` takes as an array of bulk strings; -1 if an item is not bytes.
+
+    The general form of the table lookups in ``RequestParser._feed_resp``, for counts
+    and lengths past ``_HEADER`` and ``_ELEMENT``.
+    """
+    size = 3 + len(str(len(request))) + 5 * len(request)
+    for item in request:
+        if type(item) is not bytes:
+            return -1
+        n = len(item)
+        size += n + len(str(n))
+    return size
 
 
 def _parse_length(buf: bytearray, start: int, end: int, what: str) -> int:

@@ -71,9 +71,10 @@ def test_many_pipelined_requests_in_one_read_come_back_whole_and_in_order():
     assert not parser._partial
 
 
-SHAPES = [(count, length) for count in [1, 9, 10, 11, 99, 100, 1000]
-          for length in [0, 1, 9, 10, 99, 100, 999, 1000, 4095, 4096, 9999, 10000, 100_000,
-                         1_000_000] if count * length <= 4_000_000]
+SHAPES = [(count, length) for count in [1, 9, 10, 11, 99, 100, 1000, 1023, 1024, 1025, 9999,
+                                       10000, 10001]
+          for length in [0, 1, 9, 10, 99, 100, 999, 1000, 4095, 4096, 9999, 10000, 10001,
+                         100_000, 1_000_000] if count * length <= 4_000_000]
 
 
 @pytest.mark.parametrize("count, length", SHAPES)
