@@ -140,12 +140,17 @@ class RequestParser:
     def _feed_resp(self, data: bytes, requests: list[list[bytes]]) -> bytes:
         """Parse RESP requests; return the bytes of an inline command that follows them.
 
-        The loop counts in locals what it completes; ``_count`` writes the counts to the
-        parser before anything reads them (``_resync``, ``_guard``, the size check).
+        The loop counts in locals what it completes; ``_hold`` writes the counts to the
+        parser before anything reads them (``_resync``, ``_guard``, the size check). A
+        read that starts at a clean boundary, where the parser holds nothing (see
+        ``_forget_partial``), is copied to ``_partial`` by ``_hold`` too, and so not at
+        all when it holds only canonically encoded requests, ending with the last.
         """
         reader = self._reader
         reader.feed(data)
-        self._partial += data
+        fresh = self._clean
+        if not fresh:
+            self._partial += data
         self._clean = False
         first = len(requests)  # requests[first:] are completed by this call
         before = self._completed  # requests of _partial completed by earlier calls
@@ -158,12 +163,12 @@ class RequestParser:
             try:
                 request = gets()
             except hiredis.ProtocolError as exc:
-                self._count(requests, first, encoded)
+                self._hold(data, fresh, requests, first, encoded)
                 return self._resync(requests, first, before, str(exc))
             if request is NOT_ENOUGH_DATA:
                 break
             if type(request) is not list or not request:
-                self._count(requests, first, encoded)
+                self._hold(data, fresh, requests, first, encoded)
                 return self._resync(requests, first, before, _NOT_AN_ARRAY)
             # The canonical size: *<count>CRLF, then $<len>CRLF<data>CRLF per element.
             try:
@@ -176,14 +181,16 @@ class RequestParser:
             except IndexError:  # a count or a length past the tables
                 size = _canonical_size(request)
             if size < 0:
-                self._count(requests, first, encoded)
+                self._hold(data, fresh, requests, first, encoded)
                 return self._resync(requests, first, before, _NOT_AN_ARRAY)
             append(request)
             encoded += size
             if not has_data():  # the data ended with this request: a clean boundary
                 self._clean = True
                 break
-        self._count(requests, first, encoded)
+        if self._clean and fresh and encoded == len(data):
+            return b""  # the usual case: the state is as _forget_partial leaves it
+        self._hold(data, fresh, requests, first, encoded)
         if self._clean:
             if self._encoded != len(self._partial):
                 return self._resync(requests, first, before, None)
@@ -192,12 +199,21 @@ class RequestParser:
             self._guard(requests, first, before)
         return b""
 
-    def _count(self, requests: list[list[bytes]], first: int, encoded: int) -> None:
-        """Add the requests completed since ``first``, of canonical size ``encoded``."""
+    def _hold(self, data: bytes, fresh: bool, requests: list[list[bytes]], first: int,
+              encoded: int) -> None:
+        """Bring the state up to date with what ``_feed_resp`` has parsed of ``data``.
+
+        Adds ``data`` to ``_partial`` if ``_feed_resp`` has not (the read began at a
+        clean boundary), and counts the requests completed since ``first``, of canonical
+        size ``encoded``.
+        """
+        if fresh:
+            self._partial += data
         self._completed += len(requests) - first
         self._encoded += encoded
 
     def _forget_partial(self) -> None:
+        """Hold nothing: what the state is at every clean boundary (``_clean`` True)."""
         self._partial.clear()
         self._completed = self._encoded = self._verified = self._verified_count = 0
         self._resume = None
