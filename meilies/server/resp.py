@@ -11,7 +11,8 @@ against our limits (``MAX_ARRAY_LENGTH``, ``max_bulk``, and ``max_request`` for 
 sum of one request's bulks) and that every element is a bulk string; it runs only
 when a read ends inside a request or something is wrong, so the usual path costs, per
 request, one ``gets()``, one ``has_data()``, and its canonical size summed from table
-lookups, one per element, with an exact type check (RequestParser). The scan of a request that
+lookups, one per element, with an exact type check; a read that starts and ends at a
+request boundary is not even copied (RequestParser). The scan of a request that
 spans many reads resumes where the previous read left it, so a large request costs
 time in proportion to its size, not to its size times the number of reads.
 """
@@ -90,10 +91,16 @@ class RequestParser:
     hiredis parses any RESP value, so an array it returns may have held simple
     strings (``*1\r\n+PING\r\n`` comes back as ``[b"PING"]``, exactly like
     ``*1\r\n$4\r\nPING\r\n``). Requests must be arrays of *bulk* strings: the cheap
-    check is that the requests hiredis completed take exactly the bytes their
-    canonical encoding takes (a simple string is shorter, hiredis refuses leading
-    zeros). Only when that fails, or hiredis raises, or a read ends inside a request,
-    does ``_scan`` walk the bytes in Python to find the offending request.
+    check is that each value hiredis completed is a non-empty ``list`` of ``bytes``
+    (exact types) and that together they take exactly the bytes their canonical
+    encoding takes (a simple string is shorter, hiredis refuses leading zeros). Only
+    when that fails, or hiredis raises, or a read ends inside a request, does
+    ``_scan`` walk the bytes in Python to find the offending request.
+
+    A read ends at a clean boundary when ``has_data()`` is false right after hiredis
+    completed a request. Comparing sizes cannot stand in for that call: after
+    ``*1\r\n+0123456789\r\n*2\r\n`` hiredis holds part of a request, yet the
+    first request is 4 bytes short of its canonical size, just what ``*2\r\n`` adds.
     """
 
     def __init__(self, max_bulk: int, max_request: int | None = None) -> None:

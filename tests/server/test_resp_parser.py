@@ -141,7 +141,7 @@ def test_a_push_type_after_a_request_is_taken_as_inline_lines():
         [PING, [b">1"], [b"$4"], [b"PING"]]
 
 
-# -- elements that are not bulk strings ------------------------------------------------------
+# -- elements that are not bulk strings ----------------------------------------------------
 
 # Each parses in hiredis as an element of an array; a request may hold only bulk strings.
 NOT_BULK = [
