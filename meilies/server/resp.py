@@ -367,14 +367,16 @@ def _canonical_size(request: list) -> int:
     """The bytes ``request`` takes as an array of bulk strings; -1 if an item is not bytes.
 
     The general form of the table lookups in ``RequestParser._feed_resp``, for counts
-    and lengths past ``_HEADER`` and ``_ELEMENT``.
+    and lengths past ``_HEADER`` and ``_ELEMENT``. An ``append`` of many events is
+    past ``_HEADER``, so its elements still use ``_ELEMENT`` here.
     """
-    size = 3 + len(str(len(request))) + 5 * len(request)
+    element, tabled = _ELEMENT, len(_ELEMENT)
+    size = 3 + len(str(len(request)))
     for item in request:
         if type(item) is not bytes:
             return -1
         n = len(item)
-        size += n + len(str(n))
+        size += element[n] if n < tabled else n + 5 + len(str(n))
     return size
 
 

@@ -93,6 +93,21 @@ def test_canonical_requests_need_no_byte_scan(monkeypatch, count, length):
     assert not parser._partial
 
 
+def test_requests_mixing_short_and_long_elements_need_no_byte_scan(monkeypatch):
+    def no_scan(*args):
+        raise AssertionError("well-formed requests were scanned")
+
+    monkeypatch.setattr(resp.RequestParser, "_scan", no_scan)
+    lengths = [0, 1, 9, 10, 99, 100, 999, 1000, 9999, 10000, 10001, 100_000]
+    mixed = [b"y" * n for n in lengths + lengths[::-1]]
+    # An append-sized request: more elements than one header table entry covers.
+    append = [b"append", b"s", b"any"] + [b"e", b"z" * 50] * 600 + mixed
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(command(*mixed) + command(*append) + command(*PING)) == \
+        [mixed, append, PING]
+    assert not parser._partial
+
+
 def test_a_read_ending_inside_a_request_gets_the_rest_later():
     requests = varied_requests(random.Random(2), 40)
     data = b"".join(command(*r) for r in requests)
