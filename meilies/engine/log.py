@@ -100,6 +100,20 @@ class AppendResult(NamedTuple):
     end_position: int
 
 
+@dataclass(frozen=True)
+class SyncTicket:
+    """A sync begun by :meth:`Engine.begin_sync`: the log is durable up to ``position``
+    once an fdatasync of the file behind ``fd`` (the active segment's) returns."""
+
+    fd: int
+    position: int
+    #: Size of ``segment`` (the active one) at ``position``.
+    size: int
+    segment: Segment
+    #: ``Engine.loss_mark`` when the sync began.
+    mark: int
+
+
 @dataclass
 class OpenReport:
     """What :meth:`Engine.open` found and did."""
@@ -415,6 +429,51 @@ class Engine:
             self._publish()
         return self._durable_position
 
+    def begin_sync(self) -> SyncTicket | None:
+        """Write everything appended and return what makes it durable, or None if it is.
+
+        :meth:`sync` in two halves, for a caller that runs the fdatasync elsewhere (in
+        another process, on a copy of ``ticket.fd``) while appends go on: then it calls
+        :meth:`end_sync` with the outcome. One ticket at a time. Raises
+        :class:`StorageError` if the write fails (the unwritten appends are then taken
+        back).
+        """
+        self._check_open()
+        self.flush()
+        if self._durable_position >= self._next_position:
+            return None
+        segment = self.segments[-1]
+        return SyncTicket(segment.fileno(), self._next_position, segment.size, segment,
+                          self.loss_mark)
+
+    def end_sync(self, ticket: SyncTicket, error: OSError | None) -> int:
+        """Finish a :meth:`begin_sync` whose fdatasync gave ``error`` (None: it worked).
+
+        On success everything up to ``ticket.position`` is durable and visible, unless
+        a failure meanwhile took some of it back (its writers learn that from
+        :meth:`lost_since`; positions are handed out again, so nothing is claimed
+        then). On failure, unless another sync covered the ticket, it is :meth:`sync`'s
+        failure: under ``always`` every append not durable is taken back and cut from
+        the file, and :class:`StorageError` is raised. Returns the durable position.
+        """
+        covered = ticket.position <= self._durable_position
+        if error is None:
+            if not covered and self.lost_since(ticket.mark, ticket.position) is None:
+                # Not covered, so no roll since begin_sync (a roll syncs everything
+                # first): the ticket's segment is still the active one.
+                self._durable_position = ticket.position
+                self._durable_size = ticket.size
+                self._publish(ticket.position)
+            return self._durable_position
+        if covered:
+            return self._durable_position
+        exc = StorageError(ticket.segment.path, "fdatasync", error)
+        if self.fsync == "always":
+            self._take_back(0, exc)
+            if ticket.segment is self.segments[-1]:
+                self.segments[-1].truncate_to(self._durable_size)
+        raise exc
+
     def _take_back(self, first: int, error: StorageError) -> None:
         """Forget pending appends ``first`` and after: their write or sync failed.
 
@@ -465,19 +524,27 @@ class Engine:
                 return error
         return None
 
-    def _publish(self) -> None:
-        """Make pending events visible and tell the listeners which streams changed."""
+    def _publish(self, upto: int | None = None) -> None:
+        """Make pending events visible (those before position ``upto``, if given) and
+        tell the listeners which streams changed."""
+        pending = self._pending
+        count = len(pending)
+        if upto is not None:
+            while count and pending[count - 1][4] >= upto:
+                count -= 1
+            if not count:
+                return
         changed: set[int] = set()
         streams = self.streams
-        for segment, offsets, lengths, sid, position, number in self._pending:
+        for segment, offsets, lengths, sid, position, number in pending[:count]:
             segment.index.add_run(offsets, lengths, sid, position - segment.base_position,
                                   number)
             streams.make_visible(sid, number + len(offsets))
             changed.add(sid)
-        _segment, offsets, _lengths, _sid, position, _number = self._pending[-1]
+        _segment, offsets, _lengths, _sid, position, _number = pending[count - 1]
         self._visible_position = position + len(offsets)
-        self._pending.clear()
-        self._written_pending = 0
+        del pending[:count]
+        self._written_pending = max(0, self._written_pending - count)
         for listener in self._listeners:
             listener(changed)
 

@@ -211,6 +211,11 @@ class Segment:
         self.hasher = fmt.Hasher()
         self.hasher.update(self.buffer(size)[:size] if size else b"")
 
+    def fileno(self) -> int:
+        """The descriptor of the open (active) segment file."""
+        assert self._fd is not None, "only the active segment is open for writing"
+        return self._fd
+
     def sync(self) -> None:
         """fdatasync the segment: everything appended so far is on stable storage."""
         if self._fd is None:

@@ -29,7 +29,7 @@ from ..engine import Engine
 from ..engine.errors import EngineError
 from ..engine.names import DEFAULT_MAX_EVENT_SIZE
 from . import resp
-from .commit import GroupCommit, sync_every_second
+from .commit import GroupCommit
 from .connection import Connection
 from .notify import Notifier
 
@@ -81,7 +81,6 @@ class Server:
         self._stream_server = _Listener((config.host, config.port), self._handle,
                                         backlog=1024)
         self._stopped = Event()
-        self._background: list[gevent.Greenlet] = []
         #: ``--maxclients``, lowered if the open-file limit cannot hold that many.
         self.maxclients = config.maxclients
         #: Connections refused because ``maxclients`` were connected.
@@ -101,8 +100,10 @@ class Server:
         """Bind and listen (raises OSError, e.g. EADDRINUSE), then serve in the background."""
         self.maxclients = clients_allowed_by_open_file_limit(self.config.maxclients)
         self._stream_server.start()
-        if self.config.fsync == "everysec":
-            self._background.append(gevent.spawn(sync_every_second, self.engine))
+        if self.config.fsync == "always":
+            self.commit.start()
+        elif self.config.fsync == "everysec":
+            self.commit.sync_periodically(1.0)
 
     def serve_until_signalled(self) -> bool:
         """Serve until SIGTERM or SIGINT, then stop cleanly; see :meth:`stop`."""
@@ -132,7 +133,6 @@ class Server:
         for connection in list(self.connections):
             connection.closing = True
             connection._abort()
-        gevent.killall(self._background)
         self.commit.close()
         synced = True
         try:

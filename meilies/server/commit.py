@@ -1,97 +1,238 @@
-"""Group commit: one fdatasync per event-loop turn covers every waiting client.
+"""Group commit: fdatasyncs run back to back off the event loop, each covering every
+write made while the previous one ran.
 
 A connection appends its requests' events (the engine keeps them in memory), then
-waits here for durability. Just before the event loop blocks for I/O (a libev
-*prepare* watcher, as Redis' ``beforeSleep``), after every ready connection has been
-served, one ``engine.sync()`` writes everything appended so far with one ``pwrite``,
-makes it durable with one fdatasync, and releases every waiter. Appends that arrive
-together therefore share one write and one fdatasync. A waiter whose appends a
-failure took back (this sync's, or any write or sync before it) gets the error.
+waits here for durability. When a writer starts waiting and no sync is running, one
+starts at once: the engine writes everything appended so far with one ``pwrite``
+(``Engine.begin_sync``), and the syncer (syncer.py: a helper process) runs the
+fdatasync. Meanwhile the event loop serves other connections, whose appends queue for
+the next sync; so under load each sync covers everything written during the previous
+one, and the disk and the loop work at the same time. When the syncer answers, the
+next sync starts before the finished group is answered, so that it overlaps the
+replies. A writer is released once the log is durable past its appends, or with the
+error if a failure took them back (this sync's, or any write or sync before it).
 
-Why on the loop and not in gevent's thread pool: measured here with 4 connections
-publishing 100-byte events (issue 3), the loop gave ~7,800 events/s at depth 1 and
-~222,000 at depth 64, the thread pool 2,600 at depth 1: a hand-off to a thread and
-back costs more than the fdatasync (~0.24 ms) it would overlap, and while a sync runs
-in a thread the next group cannot start anyway.
+Measured on this project's 2-core machine, 4 connections publishing 100-byte events
+(``tools/bench_server.py``): with one fdatasync per loop turn on the loop itself, as
+Redis does in ``beforeSleep``, every client waited for the sync plus all the Python
+work of the turn (~14,000 events/s at depth 1, ~210,000 at depth 64); with the helper
+process, ~18,000 and ~260,000. See syncer.py for why not a thread.
+
+Under ``--fsync everysec`` the same syncer makes the log durable once a second, so
+that a second's worth of writes never blocks the loop while the disk takes it.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import gevent
+from gevent import getcurrent
 from gevent.hub import Waiter, get_hub
 
 from ..engine import Engine
-from ..engine.errors import EngineError
+from ..engine.errors import EngineError, StorageError
+from ..engine.log import SyncTicket
+from .syncer import GONE, InlineSyncer, SyncProcess, Syncer
 
 log = logging.getLogger("meilies.server")
 
+#: How long a stopping server waits for the answer to the sync in flight.
+STOP_WAIT_SECONDS = 30.0
+
+#: (waiter, global position its appends end at, ``engine.loss_mark`` before them)
+Writer = tuple[Waiter, int, int]
+
 
 class GroupCommit:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, syncer: Syncer | None = None) -> None:
         self._engine = engine
-        self._waiters: list[Waiter] = []
-        loop = get_hub().loop
-        self._loop = loop
-        self._watcher = loop.prepare(ref=False)
-        self._watcher.start(self._before_sleep)
-        # Prepare watchers run once per loop turn, but a turn may block in poll first:
-        # an active idle watcher makes that poll return at once while anyone waits.
-        self._keep_turning = loop.idle()
+        self._queued: list[Writer] = []
+        self._covered: list[Writer] = []
+        self._ticket: SyncTicket | None = None
+        self._syncer: Syncer | None = None
+        self._answered = None
+        self._periodic: gevent.Greenlet | None = None
+        if syncer is not None:
+            self._use(syncer)
+
+    def start(self) -> None:
+        """Start the syncer now (else the first sync starts it): a server that will
+        sync starts its helper process with itself, not in a client's request."""
+        if self._syncer is None:
+            try:
+                syncer = SyncProcess()
+            except OSError as exc:
+                log.error("cannot start the fdatasync helper process (%s); syncing on the"
+                          " event loop", exc)
+                syncer = InlineSyncer()
+            self._use(syncer)
+
+    def _use(self, syncer: Syncer) -> None:
+        self._syncer = syncer
+        self._answered = get_hub().loop.io(syncer.fileno(), 1, ref=False)
+        self._answered.start(self._on_answer)
+
+    # -- writers ------------------------------------------------------------------------
 
     def wait(self, position: int, mark: int) -> None:
         """Block this greenlet until the log is durable up to ``position``.
 
         ``mark`` is ``engine.loss_mark`` from before the caller's appends. Raises the
-        engine's :class:`StorageError` if they did not stay: the group's sync failed,
-        or a write or sync before it (another writer's flush, a roll) took them back.
+        engine's :class:`StorageError` if they did not stay: the sync failed, or a write
+        or sync before it (another writer's flush, a roll) took them back.
         """
         engine = self._engine
         lost = engine.lost_since(mark, position)
         if lost is None and engine.durable_position < position:
-            if not self._waiters:
-                self._keep_turning.start(_nothing)
             waiter = Waiter()
-            self._waiters.append(waiter)
+            self._queued.append((waiter, position, mark))
+            if self._ticket is None:
+                self._start()
             waiter.get()
             lost = engine.lost_since(mark, position)
         if lost is not None:
             raise lost
 
-    def _before_sleep(self) -> None:
-        if not self._waiters:
+    def _start(self) -> None:
+        """Start a sync of everything appended (none is running), for the queued
+        writers; release them at once if their appends are already durable or lost."""
+        while self._ticket is None:
+            try:
+                ticket = self._engine.begin_sync()
+            except StorageError as exc:
+                # The write failed and took its appends back: those writers get the
+                # error; the others (whose appends were written before) try again.
+                log.error("write failed; the appends not written get an error: %s", exc)
+                self._release(self._sort(self._take_queued()))
+                continue
+            if ticket is None:  # durable already (another sync covered them)
+                self._release(self._sort(self._take_queued()))
+                return
+            self._ticket, self._covered = ticket, self._take_queued()
+            if self._syncer is None:
+                self.start()
+            try:
+                self._syncer.request(ticket.fd)
+            except OSError as exc:
+                self._syncer_failed(exc)
             return
-        waiters, self._waiters = self._waiters, []
-        self._keep_turning.stop()
+
+    def _take_queued(self) -> list[Writer]:
+        queued, self._queued = self._queued, []
+        return queued
+
+    def _on_answer(self) -> None:
+        """The syncer answered (we run in the hub)."""
         try:
-            self._engine.sync()
+            error = self._syncer.result()
+        except BlockingIOError:
+            return  # woken early: the answer is not complete yet
+        if error is GONE:
+            self._syncer_failed(error)
+            return
+        self._finish(error)
+
+    def _finish(self, error: OSError | None) -> None:
+        """Finish the sync in flight, start the next one (so that it overlaps the
+        replies), then release the writers it covered."""
+        ticket, covered = self._ticket, self._covered
+        if ticket is None:
+            return
+        self._ticket, self._covered = None, []
+        try:
+            self._engine.end_sync(ticket, error)
         except EngineError as exc:
             log.error("sync failed; %d waiting request batches get an error: %s",
-                      len(waiters), exc)
-            for waiter in waiters:
-                waiter.throw(exc)
+                      len(covered), exc)
+        ready = self._sort(covered)
+        if self._queued:
+            self._start()
+        self._release(ready)
+
+    def _sort(self, writers: list[Writer]) -> list[Writer]:
+        """The writers whose appends are durable or lost; the others (written after
+        the sync began) go back to the queue for the next sync."""
+        engine = self._engine
+        ready = []
+        for writer in writers:
+            _waiter, position, mark = writer
+            if engine.durable_position >= position or \
+                    engine.lost_since(mark, position) is not None:
+                ready.append(writer)
+            else:
+                self._queued.append(writer)
+        return ready
+
+    def _release(self, writers: list[Writer]) -> None:
+        """Wake each writer; wait() itself tells lost appends from durable ones."""
+        if not writers:
             return
-        # We run in the hub: each switch runs that greenlet until it blocks again and
-        # comes back here. (A run_callback scheduled from a prepare watcher may wait
-        # for the next I/O event, leaving clients unanswered on an idle server.)
-        for waiter in waiters:
+        hub = get_hub()
+        if getcurrent() is not hub:  # from wait(): waiters are switched from the hub
+            hub.loop.run_callback(self._release, writers)
+            return
+        # Each switch runs that greenlet until it blocks again and comes back here.
+        for waiter, _position, _mark in writers:
             waiter.switch(None)
 
-    def close(self) -> None:
-        self._watcher.stop()
-        self._keep_turning.stop()
-
-
-def _nothing() -> None:
-    """The idle watcher's callback: its only job is to exist (see GroupCommit)."""
-
-
-def sync_every_second(engine: Engine) -> None:
-    """The ``everysec`` policy: at most about one second of acknowledged events at risk."""
-    while True:
-        gevent.sleep(1.0)
+    def _syncer_failed(self, cause: OSError) -> None:
+        """The helper process is gone: sync on the event loop from now on, starting
+        with the sync it had (the written pages are still there to sync)."""
+        process = getattr(self._syncer, "process", None)
+        code = process.poll() if process is not None else None
+        log.error("the fdatasync helper process is gone (%s, exit code %s); syncing on the"
+                  " event loop from now on", cause, code)
+        self._answered.stop()
         try:
-            engine.sync()
-        except EngineError as exc:
-            log.error("periodic sync failed: %s", exc)
+            self._syncer.close()
+        except OSError as exc:
+            log.warning("closing the fdatasync helper: %s", exc)
+        self._use(InlineSyncer())
+        if self._ticket is not None:
+            self._syncer.request(self._ticket.fd)
+
+    # -- everysec -----------------------------------------------------------------------
+
+    def sync_periodically(self, seconds: float) -> None:
+        """Make the log durable every ``seconds`` (``--fsync everysec``), off the loop."""
+        self.start()
+        self._periodic = gevent.spawn(self._every, seconds)
+
+    def _every(self, seconds: float) -> None:
+        while True:
+            gevent.sleep(seconds)
+            if self._ticket is None:
+                self._start()
+
+    # -- stopping -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Finish the sync in flight (if any), then stop the syncer. Writers still
+        queued are the server's to end (it syncs once more itself at stop)."""
+        if self._periodic is not None:
+            self._periodic.kill()
+        if self._syncer is None:
+            return
+        self._answered.stop()
+        if self._ticket is not None:
+            error = self._wait_for_answer()
+            if error is GONE:  # the pages it was to sync are still there: sync them here
+                fallback = InlineSyncer()
+                fallback.request(self._ticket.fd)
+                error = fallback.result()
+                fallback.close()
+            self._finish(error)
+        self._syncer.close()
+
+    def _wait_for_answer(self) -> OSError | None:
+        """The answer to the sync in flight, waiting for it (at stop only)."""
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while True:
+            try:
+                return self._syncer.result()
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return GONE
+                gevent.sleep(0.001)

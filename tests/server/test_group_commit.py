@@ -1,14 +1,20 @@
 """The group commit (commit.py) in-process, with the real engine on real files.
 
 A writer waits for the sync that covers its appends; any failure that took them back
-meanwhile must reach it as an error, whoever's write or sync failed. fdatasync fails
-through a stand-in for ``os.fdatasync`` (a healthy disk gives no other way).
+meanwhile must reach it as an error, whoever's write or sync failed. Most tests run the
+real helper process (syncer.py). Those that decide what happens while a sync is in
+flight use :class:`HeldSyncer`, which runs the real ``os.fdatasync`` in-process only
+when the test lets it, through a stand-in that can fail (a healthy disk gives no other
+way): what happens during a sync is then decided by the test, not by timing.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
+import signal
+import socket
 
 import gevent
 import pytest
@@ -16,13 +22,17 @@ import pytest
 from meilies.engine import Engine, StorageError
 from meilies.server.commit import GroupCommit
 
+TIMEOUT = 60
+
 
 class FailingFdatasync:
     def __init__(self, real) -> None:
         self.real = real
         self.failing = False
+        self.calls = 0
 
     def __call__(self, fd: int) -> None:
+        self.calls += 1
         if self.failing:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         self.real(fd)
@@ -35,9 +45,50 @@ def fdatasync(monkeypatch) -> FailingFdatasync:
     return stand_in
 
 
+class HeldSyncer:
+    """A syncer (syncer.Syncer) whose requests wait until :meth:`release`."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self.requests: collections.deque[int] = collections.deque()
+        self._results: collections.deque[OSError | None] = collections.deque()
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def request(self, fd: int) -> None:
+        self.requests.append(fd)
+
+    def release(self) -> None:
+        """Run the oldest request's fdatasync now; its answer reaches the loop."""
+        fd = self.requests.popleft()
+        try:
+            os.fdatasync(fd)
+            self._results.append(None)
+        except OSError as exc:
+            self._results.append(exc)
+        self._writer.send(b"S")
+
+    def result(self) -> OSError | None:
+        self._reader.recv(1)
+        return self._results.popleft()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
 @pytest.fixture
 def engine(tmp_path):
     engine = Engine.open(tmp_path / "data", fsync="always", segment_size=400)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def big_engine(tmp_path):
+    engine = Engine.open(tmp_path / "big", fsync="always")  # no roll in the test
     yield engine
     engine.close()
 
@@ -53,45 +104,105 @@ def writer(engine: Engine, commit: GroupCommit, stream: bytes, data: bytes, resu
         results[stream] = exc
 
 
-def test_writers_sharing_a_sync_are_all_answered(engine):
-    commit = GroupCommit(engine)
+def run_writers(engine, commit, count, results, data=b"x"):
+    writers = [gevent.spawn(writer, engine, commit, b"s%d" % i, data, results)
+               for i in range(count)]
+    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
+
+
+def test_writers_are_stored_through_the_helper_process(big_engine):
+    commit = GroupCommit(big_engine)
+    commit.start()
     results = {}
-    writers = [gevent.spawn(writer, engine, commit, b"s%d" % i, b"x", results) for i in range(5)]
-    gevent.joinall(writers, timeout=60, raise_error=True)
+    run_writers(big_engine, commit, 20, results)
+    assert results == {b"s%d" % i: "stored" for i in range(20)}
+    assert big_engine.durable_position == big_engine.visible_position == 20
+    commit.close()
+
+
+def test_writers_that_arrive_while_a_sync_runs_share_the_next_one(big_engine):
+    syncer = HeldSyncer()
+    commit = GroupCommit(big_engine, syncer)
+    results = {}
+    writers = [gevent.spawn(writer, big_engine, commit, b"s0", b"x", results)]
+    gevent.sleep(0)  # s0 appends and waits: its sync starts and is held
+    assert len(syncer.requests) == 1
+    writers += [gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results)
+                for i in range(1, 5)]
+    gevent.sleep(0)  # they append and queue behind the held sync
+    assert results == {} and big_engine.visible_position == 0
+    syncer.release()
+    gevent.wait([writers[0]], timeout=TIMEOUT)
+    assert results == {b"s0": "stored"} and big_engine.visible_position == 1
+    assert len(syncer.requests) == 1  # the next sync started: it covers the other four
+    syncer.release()
+    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
     assert results == {b"s%d" % i: "stored" for i in range(5)}
-    assert engine.durable_position == 5
+    assert big_engine.durable_position == big_engine.visible_position == 5
     commit.close()
 
 
 def test_a_waiting_writer_learns_that_another_writers_failed_roll_took_its_append(
         engine, fdatasync):
-    commit = GroupCommit(engine)
+    syncer = HeldSyncer()
+    commit = GroupCommit(engine, syncer)
     results = {}
     first = gevent.spawn(writer, engine, commit, b"first", b"x", results)
-    gevent.sleep(0)  # runs `first` up to its wait; the group's sync comes later
-    assert len(commit._waiters) == 1 and engine.durable_position == 0
+    gevent.sleep(0)  # `first` appends and waits; its sync is held
+    assert len(syncer.requests) == 1 and engine.durable_position == 0
     fdatasync.failing = True
     with pytest.raises(StorageError):  # a batch that needs a roll, whose sync fails
         engine.append(b"second", [(b"e", b"y" * 300)])
     fdatasync.failing = False
-    first.join(timeout=60)
+    syncer.release()  # the held sync of `first` now succeeds: too late
+    first.join(timeout=TIMEOUT)
     assert isinstance(results[b"first"], StorageError)
     assert engine.durable_position == 0 and engine.last_event_number(b"first") is None
     # The log goes on: the next writer is stored.
-    gevent.spawn(writer, engine, commit, b"third", b"z", results).join(timeout=60)
+    third = gevent.spawn(writer, engine, commit, b"third", b"z", results)
+    gevent.sleep(0)
+    syncer.release()
+    third.join(timeout=TIMEOUT)
     assert results[b"third"] == "stored" and engine.last_event_number(b"third") == 0
     commit.close()
 
 
-def test_a_failed_group_sync_fails_every_writer_in_the_group(engine, fdatasync):
-    commit = GroupCommit(engine)
+def test_a_failed_sync_fails_every_writer_it_covered(big_engine, fdatasync):
+    syncer = HeldSyncer()
+    commit = GroupCommit(big_engine, syncer)
     results = {}
+    writers = [gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results)
+               for i in range(3)]
+    gevent.sleep(0)
     fdatasync.failing = True
-    writers = [gevent.spawn(writer, engine, commit, b"s%d" % i, b"x", results) for i in range(3)]
-    gevent.joinall(writers, timeout=60, raise_error=True)
-    assert all(isinstance(results[b"s%d" % i], StorageError) for i in range(3))
+    syncer.release()  # covers s0; s1 and s2 were appended after it began
+    gevent.wait([writers[0]], timeout=TIMEOUT)
     fdatasync.failing = False
-    assert engine.durable_position == 0 and engine.stream_names() == []
+    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
+    # Under "always" a failed sync takes back every append not durable: all three.
+    assert all(isinstance(results[b"s%d" % i], StorageError) for i in range(3))
+    assert big_engine.durable_position == 0 and big_engine.stream_names() == []
+    assert not syncer.requests  # nothing left to sync
+    commit.close()
+
+
+def test_writers_are_still_stored_when_the_helper_process_dies(big_engine):
+    commit = GroupCommit(big_engine)
+    commit.start()
+    helper = commit._syncer.process
+    results = {}
+    run_writers(big_engine, commit, 3, results)
+    os.kill(helper.pid, signal.SIGSTOP)  # it will not answer the next request ...
+    first = gevent.spawn(writer, big_engine, commit, b"late", b"x", results)
+    gevent.sleep(0)  # ... which is sent now
+    os.kill(helper.pid, signal.SIGKILL)  # ... and dies with it unanswered
+    helper.wait(timeout=TIMEOUT)
+    first.join(timeout=TIMEOUT)
+    assert results[b"late"] == "stored" and big_engine.durable_position == 4
+    results.clear()
+    run_writers(big_engine, commit, 3, results, data=b"after")  # synced on the loop now
+    assert results == {b"s0": "stored", b"s1": "stored", b"s2": "stored"}
+    assert big_engine.durable_position == big_engine.visible_position == 7
     commit.close()
 
 

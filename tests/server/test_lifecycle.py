@@ -1,5 +1,6 @@
 """Starting and stopping the real process: clean stops, refusals to start, damaged logs."""
 
+import os
 import re
 import signal
 import socket
@@ -230,3 +231,54 @@ def test_a_byte_flipped_in_a_sealed_segment_refuses_to_start_naming_it(start_ser
     assert sealed[0].name in lines[0] and "meilies-fsck" in lines[0]
     match = re.search(r"offset (\d+)", lines[0])
     assert match and int(match.group(1)) <= at, lines[0]
+
+
+# -- the fdatasync helper process ---------------------------------------------------------
+
+
+def helper_pids(server: ServerProcess) -> list[int]:
+    """The server's child processes (the fdatasync helper), from /proc."""
+    pid = server.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_fdatasync_helper_runs_under_always_and_everysec_only(start_server, tmp_path):
+    for policy, helpers in (("always", 1), ("everysec", 1), ("no", 0)):
+        server = start_server("--fsync", policy, data_dir=tmp_path / policy)
+        assert len(helper_pids(server)) == helpers, policy
+        assert server.stop() == 0
+
+
+def test_the_helper_ends_with_the_server_on_sigterm_and_on_kill_9(start_server, tmp_path):
+    server = start_server()
+    client = server.client()
+    publish_many(client, "s", 10)
+    [helper] = helper_pids(server)
+    assert server.stop() == 0
+    wait_for(lambda: not alive(helper), what="the helper to exit after SIGTERM")
+    server = start_server(data_dir=tmp_path / "again")
+    [helper] = helper_pids(server)
+    server.kill()  # kill -9: the helper sees its socket close and exits
+    wait_for(lambda: not alive(helper), what="the helper to exit after kill -9")
+
+
+def test_publishes_go_on_when_the_helper_is_killed(start_server):
+    server = start_server()
+    client = server.client()
+    first = publish_many(client, "s", 50)
+    [helper] = helper_pids(server)
+    os.kill(helper, signal.SIGKILL)
+    wait_for(lambda: not alive(helper), what="the helper to die")
+    second = publish_many(client, "s", 50)  # synced on the event loop from now on
+    assert read_frames(server.client(), "s", 100) == frames(b"s", first + second)
+    assert "the fdatasync helper process is gone" in server.log()
+    assert server.stop() == 0

@@ -1,0 +1,171 @@
+"""Who runs the fdatasync: a helper process, so that the event loop never waits on one.
+
+An fdatasync makes a file durable, whoever wrote its pages; so the server writes
+(``pwrite``, on the event loop) and a small helper process syncs, on a copy of the
+segment's descriptor sent with each request (``SCM_RIGHTS``: a segment that a roll
+closes meanwhile is still the one synced). While the helper waits for the disk, the
+server goes on serving; its answer wakes the loop like any socket.
+
+Why a process and not a thread, measured on this project's 2-core machine (4
+connections publishing at depth 1, issue 3): the fdatasync on the event loop (Redis'
+way) served ~14,000 events/s, a thread ~11,000-13,000 (every hand-off of the GIL to and
+from it costs more than the overlap gains), the helper process ~18,000.
+
+Wire, over a UNIX stream socket pair: the server sends one byte ``S`` with the
+descriptor attached; the helper answers with a little-endian i32, 0 or the errno of
+the failed fdatasync. Requests are answered in order. The helper ignores SIGINT and
+SIGTERM (a Ctrl-C or a service manager reaches the whole process group; the server
+decides when to stop) and exits when the server's end of the socket closes, which
+also happens when the server dies.
+
+:class:`InlineSyncer` has the same interface and runs the fdatasync on the caller's
+thread: the fallback if the helper cannot be started or dies.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from typing import Protocol
+
+REQUEST = b"S"
+RESULT = struct.Struct("<i")
+#: What :meth:`Syncer.result` returns when the helper is gone (its answer never comes).
+GONE = OSError(errno.EPIPE, "the fdatasync helper process is gone")
+
+
+class Syncer(Protocol):
+    def fileno(self) -> int:
+        """Readable when the oldest request's result is there."""
+
+    def request(self, fd: int) -> None:
+        """Ask for an fdatasync of the file behind ``fd``."""
+
+    def result(self) -> OSError | None:
+        """The oldest request's outcome: None (synced) or the error; ``GONE`` if the
+        syncer died. Raises BlockingIOError when it is not there yet."""
+
+    def close(self) -> None: ...
+
+
+class SyncProcess:
+    """The server's side of the helper process."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "meilies.server.syncer", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def request(self, fd: int) -> None:
+        """Raises OSError if the helper is gone (its end of the socket is closed)."""
+        self.sock.sendmsg([REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [fd]))])
+
+    def result(self) -> OSError | None:
+        try:
+            data = self.sock.recv(RESULT.size, socket.MSG_PEEK)
+        except ConnectionError:
+            return GONE
+        if not data:
+            return GONE
+        if len(data) < RESULT.size:  # the rest of the answer is on its way
+            raise BlockingIOError(errno.EAGAIN, "partial answer")
+        code = RESULT.unpack(self.sock.recv(RESULT.size))[0]
+        return None if code == 0 else OSError(code, os.strerror(code))
+
+    def close(self) -> None:
+        """Close our end (the helper exits on it) and reap the helper."""
+        self.sock.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class InlineSyncer:
+    """Runs each fdatasync at once, on the caller's thread; its result is read back
+    through a socket pair so that the caller's event loop sees it as it sees the
+    helper's."""
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._reader.setblocking(False)
+        self._results: collections.deque[OSError | None] = collections.deque()
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def request(self, fd: int) -> None:
+        try:
+            os.fdatasync(fd)
+            self._results.append(None)
+        except OSError as exc:
+            self._results.append(exc)
+        self._writer.send(REQUEST)
+
+    def result(self) -> OSError | None:
+        self._reader.recv(1)  # BlockingIOError if nothing is there yet
+        return self._results.popleft()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+def serve(sock: socket.socket) -> None:
+    """The helper's loop: one fdatasync per request, until the server's end closes."""
+    while True:
+        try:
+            data, ancillary, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
+        except ConnectionError:
+            return
+        if not data:
+            return
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        code = 0 if fds else errno.EBADF
+        if fds:
+            try:
+                os.fdatasync(fds[0])
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+        for fd in fds:
+            os.close(fd)
+        sock.sendall(RESULT.pack(code))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m meilies.server.syncer FD  (started by meilies-server)",
+              file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(socket.socket(fileno=int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
