@@ -153,7 +153,10 @@ def serve(sock: socket.socket) -> None:
                 code = exc.errno or errno.EIO
         for fd in fds:
             os.close(fd)
-        sock.sendall(RESULT.pack(code))
+        try:
+            sock.sendall(RESULT.pack(code))
+        except ConnectionError:  # the server is gone (killed mid-sync): so are we
+            return
 
 
 def main(argv: list[str]) -> int:

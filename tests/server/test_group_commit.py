@@ -10,6 +10,7 @@ way): what happens during a sync is then decided by the test, not by timing.
 
 from __future__ import annotations
 
+import array
 import collections
 import errno
 import os
@@ -225,3 +226,37 @@ def test_take_backs_beyond_those_kept_answer_conservatively(engine, monkeypatch)
 
 def _failing_pwrite(fd, data, offset):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_the_helper_returns_quietly_when_the_server_is_gone_before_its_answer(tmp_path):
+    """kill -9 of the server mid-sync: the helper's answer has nowhere to go."""
+    from meilies.server import syncer
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with open(tmp_path / "file", "wb") as handle:
+        handle.write(b"x")
+        ours.sendmsg([syncer.REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         array.array("i", [handle.fileno()]))])
+    ours.close()
+    syncer.serve(theirs)  # syncs, cannot answer, returns: no exception
+    theirs.close()
+
+
+def test_the_helper_answers_each_request_in_order(tmp_path):
+    from meilies.server import syncer
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with open(tmp_path / "file", "wb") as handle:
+        for _ in range(3):
+            ours.sendmsg([syncer.REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             array.array("i", [handle.fileno()]))])
+        ours.send(syncer.REQUEST)  # no descriptor: EBADF
+        ours.shutdown(socket.SHUT_WR)
+        syncer.serve(theirs)
+    answers = b""
+    while len(answers) < 4 * syncer.RESULT.size:
+        answers += ours.recv(64)
+    codes = [code for (code,) in syncer.RESULT.iter_unpack(answers)]
+    assert codes == [0, 0, 0, errno.EBADF]
+    ours.close()
+    theirs.close()
