@@ -28,6 +28,8 @@ import mmap
 import os
 import struct
 from array import array
+from itertools import accumulate, groupby
+from operator import ne
 from pathlib import Path
 
 ENTRY = struct.Struct("<IIIIQ")
@@ -232,18 +234,26 @@ def entries_of(offsets, lengths, stream_ids, deltas, first_number: int) -> bytea
 def sorted_stream_index(position_entries: bytes | bytearray) -> bytes:
     """The .sidx content for a segment: its position entries sorted by (stream, number).
 
-    A stable sort on the stream id alone is enough, and needs no tuple per entry:
-    position entries are in log order, in which each stream's numbers increase. (The
-    tuple sort this replaced stalled the server ~0.4 s at each 64 MiB roll.)
+    Position entries are in log order, in which each stream's numbers increase, so a
+    stable sort on the stream id alone is enough; and it need not move entries one by
+    one: the runs of consecutive entries of one stream (a batch is one; a segment
+    written by one producer is one) are sorted, then joined. (A sort of one tuple per
+    entry stalled the server ~0.4 s at each 64 MiB roll; one slice per entry ~0.2 s.)
     """
-    count = len(position_entries) // ENTRY_SIZE
     with memoryview(position_entries) as raw, raw.cast("I") as words:
         stream_ids = words[STREAM_ID_WORD::WORDS_PER_ENTRY].tolist()
-    order = sorted(range(count), key=stream_ids.__getitem__)
-    # Slices of bytes, not of a memoryview: a 24-byte bytes slice costs a third of a
-    # view object (0.11 s against 0.31 s for a full 64 MiB segment's 350,000 entries).
+    # Slices of bytes, not of a memoryview: a bytes slice costs a third of a view.
     entries = bytes(position_entries)
-    return b"".join([entries[at:at + ENTRY_SIZE] for at in [i * ENTRY_SIZE for i in order]])
+    changes = sum(map(ne, stream_ids[1:], stream_ids))
+    if changes == 0:
+        return entries
+    if changes > len(stream_ids) // 4:  # mostly single events: sort the entries
+        order = sorted(range(len(stream_ids)), key=stream_ids.__getitem__)
+        return b"".join([entries[at:at + ENTRY_SIZE] for at in [i * ENTRY_SIZE for i in order]])
+    runs = [(sid, len(list(group))) for sid, group in groupby(stream_ids)]
+    starts = list(accumulate([count for _sid, count in runs], initial=0))
+    order = sorted(range(len(runs)), key=[sid for sid, _count in runs].__getitem__)
+    return b"".join([entries[starts[k] * ENTRY_SIZE:starts[k + 1] * ENTRY_SIZE] for k in order])
 
 
 def write_file(path: Path, data: bytes | bytearray) -> None:
