@@ -239,9 +239,9 @@ class Engine:
         max_size = self.max_event_size
         names = list(map(_NAME, events))
         sizes = list(map(len, map(_DATA, events)))
-        # The usual batch passes in two C-level sweeps; otherwise the first bad event,
-        # in order, is named.
-        if not all(map(plain_event_name, names)) or max(sizes) > max_size:
+        # The usual batch passes in C-level sweeps, each distinct name checked once;
+        # otherwise the first bad event, in order, is named.
+        if not all(map(plain_event_name, set(names))) or max(sizes) > max_size:
             for name, data in events:
                 check_event_name(name)
                 check_data(data, max_size)

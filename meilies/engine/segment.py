@@ -21,6 +21,9 @@ from .errors import CorruptSegment, StorageError, UnsupportedFormatVersion
 from .files import fsync_directory, position_index_path, segment_path, stream_index_path
 from .index import ActiveIndex, SealedIndex, close_map, sorted_stream_index, write_file
 
+#: Most buffers one pwritev takes (the kernel refuses more).
+IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
 
 class Segment:
     def __init__(self, directory: Path, base_position: int, size: int) -> None:
@@ -174,27 +177,35 @@ class Segment:
         return bool(self._unwritten)
 
     def flush(self) -> None:
-        """Write what :meth:`append` queued, in one ``pwrite``. All or nothing: on
-        failure the file is cut back to where it was, the queue is dropped and
-        :class:`StorageError` is raised."""
-        if not self._unwritten:
+        """Write what :meth:`append` queued, in one ``pwritev`` (no joined copy). All or
+        nothing: on failure the file is cut back to where it was, the queue is dropped
+        and :class:`StorageError` is raised."""
+        records = self._unwritten
+        if not records:
             return
-        data = self._unwritten[0] if len(self._unwritten) == 1 else b"".join(self._unwritten)
         offset = self.written
-        self._unwritten.clear()
-        view = memoryview(data)
+        total = self.size - offset
         try:
-            written = 0
-            while written < len(data):
-                written += os.pwrite(self._fd, view[written:], offset + written)
+            at = offset
+            for first in range(0, len(records), IOV_MAX):
+                chunk = records[first:first + IOV_MAX]
+                size = sum(map(len, chunk))
+                written = os.pwritev(self._fd, chunk, at)
+                if written < size:  # rare: a short write; the rest as one buffer
+                    with memoryview(b"".join(chunk)) as view:
+                        while written < size:
+                            written += os.pwrite(self._fd, view[written:], at + written)
+                at += size
         except OSError as exc:
+            self._unwritten = []
             self.size = offset
             self._cut_back(offset)
             raise StorageError(self.path, "write", exc) from exc
-        finally:
-            view.release()
-        self.written = offset + len(data)
-        self.hasher.update(data)
+        self._unwritten = []
+        self.written = offset + total
+        update = self.hasher.update
+        for record in records:
+            update(record)
 
     def _cut_back(self, size: int) -> None:
         try:

@@ -331,13 +331,16 @@ _DATA = itemgetter(3)
 def _publishes_to_one_stream(requests: list[list[bytes]]) -> bool:
     """Whether every request is a ``publish`` with its three arguments, all to one
     stream: checked with C-level passes, not a Python step per request."""
-    if set(map(len, requests)) != {4} or len(set(map(_STREAM, requests))) != 1:
+    try:
+        heads = set(map(_HEAD, requests))  # (command, stream) pairs
+    except IndexError:  # a request without arguments
         return False
-    return all(map(_is_publish, set(map(_NAME, requests))))
+    if len(heads) != 1 or not _is_publish(next(iter(heads))[0]):
+        return False
+    return set(map(len, requests)) == {4}
 
 
-_NAME = itemgetter(0)
-_STREAM = itemgetter(1)
+_HEAD = itemgetter(0, 1)
 
 
 def _send_views(sock, views: list[memoryview]) -> None:

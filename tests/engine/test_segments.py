@@ -329,3 +329,14 @@ def test_a_stored_batch_is_read_as_one_view(tmp_path):
         views, after = engine.all_spans(0)
         assert after == 58 and len(views) == 7  # alpha's 50, beta's 1, alpha's 3, then 4
         assert b"".join(views) == b"".join(engine.all_frames(0)[0])
+
+
+def test_thousands_of_records_waiting_for_one_flush_are_all_written(tmp_path):
+    """A flush writes its records with pwritev, whose buffer count the kernel caps."""
+    with Engine.open(tmp_path, fsync="no") as engine:
+        for i in range(3000):
+            engine.append(b"s%d" % (i % 7), [(b"e", b"%d" % i)], flush=False)
+        engine.flush()
+        assert [bytes(e.data) for e in engine.read_all()] == [b"%d" % i for i in range(3000)]
+    with Engine.open(tmp_path, fsync="no") as engine:
+        assert [bytes(e.data) for e in engine.read_all()] == [b"%d" % i for i in range(3000)]

@@ -2,12 +2,12 @@
 filesystem is full or the process' file size limit is reached, not because a test
 replaced a function.
 
-* a tmpfs of a few MiB (mounted here, so root only): ``pwrite`` fails with ENOSPC, part
+* a tmpfs of a few MiB (mounted here, so root only): ``pwritev`` fails with ENOSPC, part
   way through a record;
 * an ext4 image on a loop device whose backing file lives on a small tmpfs: the page
   cache takes the write, then ``fdatasync`` fails when the loop device cannot store it;
 * ``RLIMIT_FSIZE`` lowered on the running server (``prlimit``; CPython ignores SIGXFSZ):
-  ``pwrite`` fails with EFBIG.
+  ``pwritev`` fails with EFBIG.
 
 Every time: the request gets ``-ERR storage failure, nothing was stored: ...`` naming
 the cause, nothing of it is ever visible (a live subscriber sees no trace of it) or
@@ -191,7 +191,7 @@ def test_a_full_disk_fails_writes_by_name_keeps_the_rest_and_recovers_when_space
 
     filler = fill(fs)
     free(filler, 24 * 1024)
-    # Each of these is larger than the space left: the pwrite stores part of it, fails,
+    # Each of these is larger than the space left: the write stores part of it, fails,
     # and the server cuts the file back. Pipelined, and as an atomic append.
     too_big = b"x" * 40_000
     client.send(command("publish", "a", "big", too_big) * 5)

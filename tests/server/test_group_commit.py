@@ -214,7 +214,8 @@ def test_take_backs_beyond_those_kept_answer_conservatively(engine, monkeypatch)
 
     monkeypatch.setattr(log_module, "LOSSES_KEPT", 2)
     mark = engine.loss_mark
-    monkeypatch.setattr(os, "pwrite", _failing_pwrite)
+    monkeypatch.setattr(os, "pwrite", _failing_write)
+    monkeypatch.setattr(os, "pwritev", _failing_write)
     for i in range(4):
         with pytest.raises(StorageError):
             engine.append(b"s", [(b"e", b"%d" % i)])
@@ -224,7 +225,7 @@ def test_take_backs_beyond_those_kept_answer_conservatively(engine, monkeypatch)
     assert engine.lost_since(engine.loss_mark, 10**6) is None
 
 
-def _failing_pwrite(fd, data, offset):
+def _failing_write(fd, data, offset):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
