@@ -114,7 +114,7 @@ class GroupCommit:
             if self._syncer is None:
                 self.start()
             try:
-                self._syncer.request(ticket.fd)
+                self._syncer.request(ticket.fd, ticket.segment)
             except OSError as exc:
                 self._syncer_failed(exc)
             return
@@ -191,7 +191,7 @@ class GroupCommit:
             log.warning("closing the fdatasync helper: %s", exc)
         self._use(InlineSyncer())
         if self._ticket is not None:
-            self._syncer.request(self._ticket.fd)
+            self._syncer.request(self._ticket.fd, self._ticket.segment)
 
     # -- everysec -----------------------------------------------------------------------
 
@@ -220,7 +220,7 @@ class GroupCommit:
             error = self._wait_for_answer()
             if error is GONE:  # the pages it was to sync are still there: sync them here
                 fallback = InlineSyncer()
-                fallback.request(self._ticket.fd)
+                fallback.request(self._ticket.fd, self._ticket.segment)
                 error = fallback.result()
                 fallback.close()
             self._finish(error)

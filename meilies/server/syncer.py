@@ -11,9 +11,11 @@ connections publishing at depth 1, issue 3): the fdatasync on the event loop (Re
 way) served ~14,000 events/s, a thread ~11,000-13,000 (every hand-off of the GIL to and
 from it costs more than the overlap gains), the helper process ~18,000.
 
-Wire, over a UNIX stream socket pair: the server sends one byte ``S`` with the
-descriptor attached; the helper answers with a little-endian i32, 0 or the errno of
-the failed fdatasync. Requests are answered in order. The helper ignores SIGINT and
+Wire, over a UNIX stream socket pair: the server sends one byte, ``F`` with the
+descriptor of the file to sync attached (the helper keeps it for the requests that
+follow, and closes the one it had) or ``S`` to sync the file it has; the helper
+answers each with a little-endian i32, 0 or the errno of the failed fdatasync (EBADF
+if it has no file), in order. The helper ignores SIGINT and
 SIGTERM (a Ctrl-C or a service manager reaches the whole process group; the server
 decides when to stop) and exits when the server's end of the socket closes, which
 also happens when the server dies.
@@ -35,7 +37,8 @@ import subprocess
 import sys
 from typing import Protocol
 
-REQUEST = b"S"
+FILE = b"F"  # with a descriptor attached: sync this file (and keep it)
+REQUEST = b"S"  # sync the file kept
 RESULT = struct.Struct("<i")
 #: What :meth:`Syncer.result` returns when the helper is gone (its answer never comes).
 GONE = OSError(errno.EPIPE, "the fdatasync helper process is gone")
@@ -45,8 +48,9 @@ class Syncer(Protocol):
     def fileno(self) -> int:
         """Readable when the oldest request's result is there."""
 
-    def request(self, fd: int) -> None:
-        """Ask for an fdatasync of the file behind ``fd``."""
+    def request(self, fd: int, file: object) -> None:
+        """Ask for an fdatasync of the file behind ``fd``; ``file`` identifies that
+        file (a syncer may keep a descriptor of it for the requests that follow)."""
 
     def result(self) -> OSError | None:
         """The oldest request's outcome: None (synced) or the error; ``GONE`` if the
@@ -71,25 +75,34 @@ class SyncProcess:
             theirs.close()
         ours.setblocking(False)
         self.sock = ours
+        self._file: object = None  # the file whose descriptor the helper has
+        self._answer = b""  # part of an answer read so far
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def request(self, fd: int) -> None:
+    def request(self, fd: int, file: object) -> None:
         """Raises OSError if the helper is gone (its end of the socket is closed)."""
-        self.sock.sendmsg([REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       array.array("i", [fd]))])
+        if file is self._file:
+            self.sock.send(REQUEST)
+            return
+        self.sock.sendmsg([FILE], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", [fd]))])
+        self._file = file
 
     def result(self) -> OSError | None:
         try:
-            data = self.sock.recv(RESULT.size, socket.MSG_PEEK)
+            data = self.sock.recv(RESULT.size - len(self._answer))
         except ConnectionError:
             return GONE
         if not data:
             return GONE
-        if len(data) < RESULT.size:  # the rest of the answer is on its way
+        answer = self._answer + data
+        if len(answer) < RESULT.size:  # the rest of the answer is on its way
+            self._answer = answer
             raise BlockingIOError(errno.EAGAIN, "partial answer")
-        code = RESULT.unpack(self.sock.recv(RESULT.size))[0]
+        self._answer = b""
+        code = RESULT.unpack(answer)[0]
         return None if code == 0 else OSError(code, os.strerror(code))
 
     def close(self) -> None:
@@ -115,7 +128,7 @@ class InlineSyncer:
     def fileno(self) -> int:
         return self._reader.fileno()
 
-    def request(self, fd: int) -> None:
+    def request(self, fd: int, file: object) -> None:
         try:
             os.fdatasync(fd)
             self._results.append(None)
@@ -134,29 +147,40 @@ class InlineSyncer:
 
 def serve(sock: socket.socket) -> None:
     """The helper's loop: one fdatasync per request, until the server's end closes."""
-    while True:
-        try:
-            data, ancillary, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
-        except ConnectionError:
-            return
-        if not data:
-            return
-        fds = array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        code = 0 if fds else errno.EBADF
-        if fds:
+    kept = -1  # the descriptor of the file to sync
+    try:
+        while True:
             try:
-                os.fdatasync(fds[0])
-            except OSError as exc:
-                code = exc.errno or errno.EIO
-        for fd in fds:
-            os.close(fd)
-        try:
-            sock.sendall(RESULT.pack(code))
-        except ConnectionError:  # the server is gone (killed mid-sync): so are we
-            return
+                data, ancillary, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
+            except ConnectionError:
+                return
+            if not data:
+                return
+            fds = array.array("i")
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            if fds:  # a new file: keep its descriptor, close any other
+                if kept >= 0:
+                    os.close(kept)
+                kept = fds[0]
+                for fd in fds[1:]:
+                    os.close(fd)
+            if kept < 0:
+                code = errno.EBADF
+            else:
+                try:
+                    os.fdatasync(kept)
+                    code = 0
+                except OSError as exc:
+                    code = exc.errno or errno.EIO
+            try:
+                sock.sendall(RESULT.pack(code))
+            except ConnectionError:  # the server is gone (killed mid-sync): so are we
+                return
+    finally:
+        if kept >= 0:
+            os.close(kept)
 
 
 def main(argv: list[str]) -> int:

@@ -58,7 +58,7 @@ class HeldSyncer:
     def fileno(self) -> int:
         return self._reader.fileno()
 
-    def request(self, fd: int) -> None:
+    def request(self, fd: int, file: object) -> None:
         self.requests.append(fd)
 
     def release(self) -> None:
@@ -236,28 +236,65 @@ def test_the_helper_returns_quietly_when_the_server_is_gone_before_its_answer(tm
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with open(tmp_path / "file", "wb") as handle:
         handle.write(b"x")
-        ours.sendmsg([syncer.REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                         array.array("i", [handle.fileno()]))])
+        ours.sendmsg([syncer.FILE], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [handle.fileno()]))])
     ours.close()
     syncer.serve(theirs)  # syncs, cannot answer, returns: no exception
     theirs.close()
 
 
-def test_the_helper_answers_each_request_in_order(tmp_path):
+def test_the_helper_keeps_the_file_it_was_given_and_answers_in_order(tmp_path):
     from meilies.server import syncer
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with open(tmp_path / "file", "wb") as handle:
-        for _ in range(3):
-            ours.sendmsg([syncer.REQUEST], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                             array.array("i", [handle.fileno()]))])
-        ours.send(syncer.REQUEST)  # no descriptor: EBADF
-        ours.shutdown(socket.SHUT_WR)
-        syncer.serve(theirs)
+    ours.send(syncer.REQUEST)  # no file yet: EBADF
+    with open(tmp_path / "a", "wb") as first, open(tmp_path / "b", "wb") as second:
+        ours.sendmsg([syncer.FILE], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [first.fileno()]))])
+        ours.send(syncer.REQUEST * 2)
+        ours.sendmsg([syncer.FILE], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [second.fileno()]))])
+    # Our descriptors are closed now: the helper syncs its own copies.
+    ours.send(syncer.REQUEST)
+    ours.shutdown(socket.SHUT_WR)
+    before = set(os.listdir("/proc/self/fd"))
+    syncer.serve(theirs)
+    assert set(os.listdir("/proc/self/fd")) <= before  # it closed every copy it got
     answers = b""
-    while len(answers) < 4 * syncer.RESULT.size:
+    while len(answers) < 6 * syncer.RESULT.size:
         answers += ours.recv(64)
     codes = [code for (code,) in syncer.RESULT.iter_unpack(answers)]
-    assert codes == [0, 0, 0, errno.EBADF]
+    assert codes == [errno.EBADF, 0, 0, 0, 0, 0]
     ours.close()
     theirs.close()
+
+
+def test_the_server_sends_a_segment_to_the_helper_once(big_engine, monkeypatch):
+    commit = GroupCommit(big_engine)
+    commit.start()
+    sent = []
+    real_sendmsg = commit._syncer.sock.sendmsg
+    real_send = commit._syncer.sock.send
+
+    class Spy:  # socket methods cannot be patched on the instance: wrap the socket
+        def __init__(self, sock):
+            self._sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self._sock, name)
+
+        def sendmsg(self, *args):
+            sent.append("file")
+            return real_sendmsg(*args)
+
+        def send(self, data):
+            sent.append("sync")
+            return real_send(data)
+
+    commit._syncer.sock = Spy(commit._syncer.sock)
+    results = {}
+    for _ in range(3):
+        run_writers(big_engine, commit, 2, results)
+    assert sent[0] == "file" and set(sent[1:]) == {"sync"} and len(sent) >= 3
+    assert big_engine.durable_position == 6
+    commit.close()
