@@ -17,7 +17,10 @@ Scenarios (``--only``):
   ``appendfsync``); events/s and, at depth 1, ack latency p50/p99.
 * ``replay``: one subscriber catching up on 1,000,000 stored 100-byte events
   (``subscribe s:0:1000000``; Redis: ``XRANGE s (<last-id> + COUNT 10000`` pages);
-  events/s and MB/s of wire bytes received.
+  events/s and MB/s of wire bytes received. The events are published by 2 connections
+  pipelining 256 each (MeiliES stores a read's run of publishes as one record, sent
+  as one slice); ``replay_published_singly`` replays 200,000 published one at a time
+  by 4 connections (a record each), for comparison.
 * ``fanout``: one publisher (pipelined, depth 64) and 100 live subscribers of one
   stream (Redis: ``XREAD COUNT 1000 BLOCK 0 STREAMS s <last-id>`` loops); delivered
   events/s over all subscribers and publish-to-delivery latency p50/p99, at full
@@ -104,6 +107,7 @@ class Settings:
         self.publish_warmup = 0.2 if quick else 0.5
         self.publish_conns = 4
         self.replay_events = 100_000 if quick else 1_000_000
+        self.replay_single_events = 50_000 if quick else 200_000
         self.replay_page = 10_000
         self.fanout_subscribers = 100
         self.fanout_probes = 10
@@ -246,11 +250,13 @@ def run_publish(kind: str, server, stream: bytes, depth: int, conns: int, second
             "cpu": cpu_result}
 
 
-def preload(kind: str, server, stream: bytes, count: int, limit: float) -> float:
-    """Publish ``count`` events with deep pipelines; returns events/s."""
+def preload(kind: str, server, stream: bytes, count: int, limit: float, depth: int = 256,
+            conns: int = 2) -> float:
+    """Publish ``count`` events, ``conns`` connections pipelining ``depth`` each; returns
+    events/s."""
     t = time.perf_counter()
-    result = run_publish(kind, server, stream, depth=256, conns=2, seconds=limit, warmup=0.0,
-                         max_events=count, limit=limit)
+    result = run_publish(kind, server, stream, depth=depth, conns=conns, seconds=limit,
+                         warmup=0.0, max_events=count, limit=limit)
     elapsed = time.perf_counter() - t
     stored = stored_count(kind, server.port, stream)
     if stored != count:
@@ -434,43 +440,55 @@ def replay_redis(server, stream: bytes, count: int, page: int, limit: float) -> 
 
 
 def scenario_replay(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict) -> None:
+    """Replay of events published in pipelines (depth 256: MeiliES stores each read's
+    run of publishes as one record), the target's figure; and, beside it, of events
+    published one at a time (one record each), which MeiliES cannot send as batches."""
     servers = {}
-    stream = b"s"
-    count = cfg.replay_events
     try:
         log("replay: starting servers (fsync no)")
         servers["meilies"] = start_meilies(workdir, "no", "replay")
         servers["redis"] = start_redis(workdir, "no", "replay")
-        preload_rate = {}
-        for kind in ("meilies", "redis"):
-            log(f"replay: preloading {count:,} events into {kind}")
-            preload_rate[kind] = preload(kind, servers[kind], stream, count, cfg.loop_limit)
-            log(f"replay: {kind} preloaded at {preload_rate[kind]:,.0f} events/s "
-                f"(2 connections, depth 256)")
-        runs = {"meilies": [], "redis": []}
-        for run in range(cfg.runs):
-            order = ("meilies", "redis") if run % 2 == 0 else ("redis", "meilies")
-            for kind in order:
-                if kind == "meilies":
-                    r = replay_meilies(servers[kind], stream, count, cfg.loop_limit)
-                else:
-                    r = replay_redis(servers[kind], stream, count, cfg.replay_page,
-                                     cfg.loop_limit)
-                runs[kind].append(r)
-                log(f"replay run {run + 1} {kind}: {r['events_per_s']:,.0f} events/s, "
-                    f"{r['mb_per_s']:.1f} MB/s ({r['seconds']:.2f} s) cpu {r['cpu']}")
-        m, rd = runs["meilies"], runs["redis"]
-        results["replay"] = {
-            "events": count,
-            "events_per_s": summarize("replay.events_per_s", m, rd, "events_per_s", 1),
-            "mb_per_s": summarize("replay.mb_per_s", m, rd, "mb_per_s", 2),
-            "preload_events_per_s": figure(preload_rate["meilies"], preload_rate["redis"], 1),
-        }
-        cpu_notes["replay"] = {"meilies": median_run(m, "events_per_s")["cpu"],
-                               "redis": median_run(rd, "events_per_s")["cpu"]}
+        for name, stream, count, depth, conns in (
+                ("replay", b"s", cfg.replay_events, 256, 2),
+                ("replay_published_singly", b"single", cfg.replay_single_events, 1, 4)):
+            results[name] = _replay_figures(cfg, servers, name, stream, count, depth, conns,
+                                            cpu_notes)
     finally:
         for s in servers.values():
             s.stop()
+
+
+def _replay_figures(cfg: Settings, servers: dict, name: str, stream: bytes, count: int,
+                    depth: int, conns: int, cpu_notes: dict) -> dict:
+    preload_rate = {}
+    for kind in ("meilies", "redis"):
+        log(f"{name}: preloading {count:,} events into {kind} ({conns} connections, depth"
+            f" {depth})")
+        preload_rate[kind] = preload(kind, servers[kind], stream, count, cfg.loop_limit,
+                                     depth=depth, conns=conns)
+        log(f"{name}: {kind} preloaded at {preload_rate[kind]:,.0f} events/s")
+    runs = {"meilies": [], "redis": []}
+    for run in range(cfg.runs):
+        order = ("meilies", "redis") if run % 2 == 0 else ("redis", "meilies")
+        for kind in order:
+            if kind == "meilies":
+                r = replay_meilies(servers[kind], stream, count, cfg.loop_limit)
+            else:
+                r = replay_redis(servers[kind], stream, count, cfg.replay_page,
+                                 cfg.loop_limit)
+            runs[kind].append(r)
+            log(f"{name} run {run + 1} {kind}: {r['events_per_s']:,.0f} events/s, "
+                f"{r['mb_per_s']:.1f} MB/s ({r['seconds']:.2f} s) cpu {r['cpu']}")
+    m, rd = runs["meilies"], runs["redis"]
+    cpu_notes[name] = {"meilies": median_run(m, "events_per_s")["cpu"],
+                       "redis": median_run(rd, "events_per_s")["cpu"]}
+    return {
+        "events": count,
+        "published": f"{conns} connections, pipeline depth {depth}",
+        "events_per_s": summarize(f"{name}.events_per_s", m, rd, "events_per_s", 1),
+        "mb_per_s": summarize(f"{name}.mb_per_s", m, rd, "mb_per_s", 2),
+        "preload_events_per_s": figure(preload_rate["meilies"], preload_rate["redis"], 1),
+    }
 
 
 # -- fan-out ----------------------------------------------------------------------------------

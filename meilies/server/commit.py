@@ -13,10 +13,12 @@ replies. A writer is released once the log is durable past its appends, or with 
 error if a failure took them back (this sync's, or any write or sync before it).
 
 Measured on this project's 2-core machine, 4 connections publishing 100-byte events
-(``tools/bench_server.py``): with one fdatasync per loop turn on the loop itself, as
-Redis does in ``beforeSleep``, every client waited for the sync plus all the Python
-work of the turn (~14,000 events/s at depth 1, ~210,000 at depth 64); with the helper
-process, ~18,000 and ~260,000. See syncer.py for why not a thread.
+(``python3 tools/bench_server.py --runs 3``, medians, Redis 7 in the same runs): with
+one fdatasync per loop turn on the loop itself, as Redis does in ``beforeSleep``,
+every client waited for the sync plus all the Python work of the turn: 14,000
+events/s at depth 1 (Redis 20,400-22,000) and 185,000-208,000 at depth 64 (Redis
+290,000); with the helper process 15,300 and 233,000 (Redis 21,400 and 296,000). See
+syncer.py for why not a thread.
 
 Under ``--fsync everysec`` the same syncer makes the log durable once a second, so
 that a second's worth of writes never blocks the loop while the disk takes it.

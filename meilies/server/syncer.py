@@ -7,9 +7,11 @@ closes meanwhile is still the one synced). While the helper waits for the disk, 
 server goes on serving; its answer wakes the loop like any socket.
 
 Why a process and not a thread, measured on this project's 2-core machine (4
-connections publishing at depth 1, issue 3): the fdatasync on the event loop (Redis'
-way) served ~14,000 events/s, a thread ~11,000-13,000 (every hand-off of the GIL to and
-from it costs more than the overlap gains), the helper process ~18,000.
+connections publishing at depth 1, 2-second runs of tools/bench_server.py's publish
+loop, alternating, within one hour): the fdatasync on the event loop (Redis' way)
+served 12,000-15,500 events/s; a thread 10,000-13,000, with the server's CPU up from
+65% to 90% (two GIL hand-offs per sync, each a futex round trip between the cores,
+cost more than the overlap gains); the helper process 16,900-17,900.
 
 Wire, over a UNIX stream socket pair: the server sends one byte, ``F`` with the
 descriptor of the file to sync attached (the helper keeps it for the requests that
