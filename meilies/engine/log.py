@@ -100,10 +100,10 @@ class AppendResult(NamedTuple):
     end_position: int
 
 
-@dataclass(frozen=True)
-class SyncTicket:
+class SyncTicket(NamedTuple):
     """A sync begun by :meth:`Engine.begin_sync`: the log is durable up to ``position``
-    once an fdatasync of the file behind ``fd`` (the active segment's) returns."""
+    once an fdatasync of the file behind ``fd`` (the active segment's) returns. (A
+    named tuple: one per sync, on the hot path.)"""
 
     fd: int
     position: int
