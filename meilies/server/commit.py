@@ -56,6 +56,7 @@ class GroupCommit:
         self._syncer: Syncer | None = None
         self._answered = None
         self._periodic: gevent.Greenlet | None = None
+        self._closing = False
         if syncer is not None:
             self._use(syncer)
 
@@ -79,7 +80,8 @@ class GroupCommit:
     # -- writers ------------------------------------------------------------------------
 
     def wait(self, position: int, mark: int) -> None:
-        """Block this greenlet until the log is durable up to ``position``.
+        """Block this greenlet until the log is durable up to ``position`` (unless
+        :meth:`close` came first: then until the server ends it).
 
         ``mark`` is ``engine.loss_mark`` from before the caller's appends. Raises the
         engine's :class:`StorageError` if they did not stay: the sync failed, or a write
@@ -90,7 +92,7 @@ class GroupCommit:
         if lost is None and engine.durable_position < position:
             waiter = Waiter()
             self._queued.append((waiter, position, mark))
-            if self._ticket is None:
+            if self._ticket is None and not self._closing:
                 self._start()
             waiter.get()
             lost = engine.lost_since(mark, position)
@@ -149,7 +151,7 @@ class GroupCommit:
             log.error("sync failed; %d waiting request batches get an error: %s",
                       len(covered), exc)
         ready = self._sort(covered)
-        if self._queued:
+        if self._queued and not self._closing:
             self._start()
         self._release(ready)
 
@@ -211,8 +213,10 @@ class GroupCommit:
     # -- stopping -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish the sync in flight (if any), then stop the syncer. Writers still
-        queued are the server's to end (it syncs once more itself at stop)."""
+        """Finish the sync in flight (if any), then stop the syncer; no sync starts
+        after this. Writers still queued are the server's to end (it syncs once more
+        itself at stop, and closes their connections)."""
+        self._closing = True
         if self._periodic is not None:
             self._periodic.kill()
         if self._syncer is None:
