@@ -26,26 +26,6 @@ from meilies.server.commit import GroupCommit
 TIMEOUT = 60
 
 
-class FailingFdatasync:
-    def __init__(self, real) -> None:
-        self.real = real
-        self.failing = False
-        self.calls = 0
-
-    def __call__(self, fd: int) -> None:
-        self.calls += 1
-        if self.failing:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        self.real(fd)
-
-
-@pytest.fixture
-def fdatasync(monkeypatch) -> FailingFdatasync:
-    stand_in = FailingFdatasync(os.fdatasync)
-    monkeypatch.setattr(os, "fdatasync", stand_in)
-    return stand_in
-
-
 class HeldSyncer:
     """A syncer (syncer.Syncer) whose requests wait until :meth:`release`."""
 
