@@ -153,6 +153,12 @@ class Server:
         if len(self.connections) >= self.maxclients:
             self._refuse(sock, address)
             return
+        try:
+            # Replies and events go out as soon as they are ready, as Redis sends them:
+            # Nagle would hold a small frame back until the previous one is acknowledged.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # not TCP, or the peer is already gone
+            log.debug("TCP_NODELAY on %s: %s", address, exc)
         connection = Connection(self, sock, address)
         self.connections.add(connection)
         log.debug("connection from %s", address)
