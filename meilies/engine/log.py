@@ -449,29 +449,36 @@ class Engine:
     def end_sync(self, ticket: SyncTicket, error: OSError | None) -> int:
         """Finish a :meth:`begin_sync` whose fdatasync gave ``error`` (None: it worked).
 
-        On success everything up to ``ticket.position`` is durable and visible, unless
-        a failure meanwhile took some of it back (its writers learn that from
-        :meth:`lost_since`; positions are handed out again, so nothing is claimed
-        then). On failure, unless another sync covered the ticket, it is :meth:`sync`'s
-        failure: under ``always`` every append not durable is taken back and cut from
-        the file, and :class:`StorageError` is raised. Returns the durable position.
+        On success everything up to ``ticket.position`` is durable and visible. On
+        failure it is :meth:`sync`'s failure: under ``always`` every append not durable
+        is taken back and cut from the file, and :class:`StorageError` is raised.
+        Either way nothing happens if a failed sync since :meth:`begin_sync` already
+        took back what the ticket was for, or another sync covered it. Returns the
+        durable position.
         """
-        covered = ticket.position <= self._durable_position
-        if error is None:
-            if not covered and self.lost_since(ticket.mark, ticket.position) is None:
-                # Not covered, so no roll since begin_sync (a roll syncs everything
-                # first): the ticket's segment is still the active one.
-                self._durable_position = ticket.position
-                self._durable_size = ticket.size
-                self._publish(ticket.position)
+        if self.lost_since(ticket.mark, ticket.position) is not None:
+            # The ticket's appends were all written at begin_sync, and only a failed
+            # sync takes written appends back: every one of them not yet durable is
+            # gone (positions are handed out again since), so its outcome concerns
+            # nothing that remains; its writers learn it from lost_since.
             return self._durable_position
-        if covered:
+        if ticket.position <= self._durable_position:
+            if error is not None:  # another sync (a roll's) said these were durable
+                log.error("an fdatasync of %s failed (%s) after another sync of the file"
+                          " had succeeded; the events it covered stay acknowledged",
+                          ticket.segment.path.name, error)
+            return self._durable_position
+        # Not covered and nothing taken back, so no roll since begin_sync (a roll syncs
+        # everything first): the ticket's segment is still the active one.
+        if error is None:
+            self._durable_position = ticket.position
+            self._durable_size = ticket.size
+            self._publish(ticket.position)
             return self._durable_position
         exc = StorageError(ticket.segment.path, "fdatasync", error)
         if self.fsync == "always":
             self._take_back(0, exc)
-            if ticket.segment is self.segments[-1]:
-                self.segments[-1].truncate_to(self._durable_size)
+            self.segments[-1].truncate_to(self._durable_size)
         raise exc
 
     def _take_back(self, first: int, error: StorageError) -> None:

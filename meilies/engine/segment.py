@@ -11,6 +11,7 @@ Not thread-safe: the engine serialises all access.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -194,7 +195,10 @@ class Segment:
                 if written < size:  # rare: a short write; the rest as one buffer
                     with memoryview(b"".join(chunk)) as view:
                         while written < size:
-                            written += os.pwrite(self._fd, view[written:], at + written)
+                            more = os.pwrite(self._fd, view[written:], at + written)
+                            if more == 0:
+                                raise OSError(errno.EIO, "a write stored nothing")
+                            written += more
                 at += size
         except OSError as exc:
             self._unwritten = []

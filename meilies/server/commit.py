@@ -3,7 +3,7 @@ write made while the previous one ran.
 
 A connection appends its requests' events (the engine keeps them in memory), then
 waits here for durability. When a writer starts waiting and no sync is running, one
-starts at once: the engine writes everything appended so far with one ``pwrite``
+starts at once: the engine writes everything appended so far with one ``pwritev``
 (``Engine.begin_sync``), and the syncer (syncer.py: a helper process) runs the
 fdatasync. Meanwhile the event loop serves other connections, whose appends queue for
 the next sync; so under load each sync covers everything written during the previous
@@ -27,6 +27,7 @@ that a second's worth of writes never blocks the loop while the disk takes it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import gevent
@@ -36,7 +37,7 @@ from gevent.hub import Waiter, get_hub
 from ..engine import Engine
 from ..engine.errors import EngineError, StorageError
 from ..engine.log import SyncTicket
-from .syncer import GONE, InlineSyncer, SyncProcess, Syncer
+from .syncer import GONE, SyncProcess, Syncer
 
 log = logging.getLogger("meilies.server")
 
@@ -53,7 +54,10 @@ class GroupCommit:
         self._queued: list[Writer] = []
         self._covered: list[Writer] = []
         self._ticket: SyncTicket | None = None
+        #: The helper (or a test's syncer); None: not started yet, or syncing on the
+        #: loop (``_inline``) because it could not start or died.
         self._syncer: Syncer | None = None
+        self._inline = False
         self._answered = None
         self._periodic: gevent.Greenlet | None = None
         self._closing = False
@@ -63,14 +67,13 @@ class GroupCommit:
     def start(self) -> None:
         """Start the syncer now (else the first sync starts it): a server that will
         sync starts its helper process with itself, not in a client's request."""
-        if self._syncer is None:
+        if self._syncer is None and not self._inline:
             try:
-                syncer = SyncProcess()
+                self._use(SyncProcess())
             except OSError as exc:
                 log.error("cannot start the fdatasync helper process (%s); syncing on the"
                           " event loop", exc)
-                syncer = InlineSyncer()
-            self._use(syncer)
+                self._inline = True
 
     def _use(self, syncer: Syncer) -> None:
         self._syncer = syncer
@@ -88,16 +91,19 @@ class GroupCommit:
         or sync before it (another writer's flush, a roll) took them back.
         """
         engine = self._engine
-        lost = engine.lost_since(mark, position)
-        if lost is None and engine.durable_position < position:
+        while True:
+            lost = engine.lost_since(mark, position)
+            if lost is not None:
+                raise lost
+            if engine.durable_position >= position:
+                return
+            # Released only once durable or lost; should anything else wake us, we
+            # check again and wait for the next sync.
             waiter = Waiter()
             self._queued.append((waiter, position, mark))
             if self._ticket is None and not self._closing:
                 self._start()
             waiter.get()
-            lost = engine.lost_since(mark, position)
-        if lost is not None:
-            raise lost
 
     def _start(self) -> None:
         """Start a sync of everything appended (none is running), for the queued
@@ -115,13 +121,26 @@ class GroupCommit:
                 self._release(self._sort(self._take_queued()))
                 return
             self._ticket, self._covered = ticket, self._take_queued()
-            if self._syncer is None:
-                self.start()
+            self._request(ticket)
+            return
+
+    def _request(self, ticket: SyncTicket) -> None:
+        """Have the ticket's fdatasync run: by the helper, or here (inline mode), its
+        answer then handled from the hub like the helper's."""
+        if self._syncer is None:
+            self.start()
+        if self._syncer is not None:
             try:
                 self._syncer.request(ticket.fd, ticket.segment)
+                return
             except OSError as exc:
                 self._syncer_failed(exc)
-            return
+        try:
+            os.fdatasync(ticket.fd)
+            error = None
+        except OSError as exc:
+            error = exc
+        get_hub().loop.run_callback(self._finish, error, ticket)
 
     def _take_queued(self) -> list[Writer]:
         queued, self._queued = self._queued, []
@@ -133,27 +152,36 @@ class GroupCommit:
             error = self._syncer.result()
         except BlockingIOError:
             return  # woken early: the answer is not complete yet
+        except OSError as exc:  # the socket itself failed: as good as gone
+            log.error("reading the fdatasync helper's answer: %s", exc)
+            error = GONE
         if error is GONE:
             self._syncer_failed(error)
             return
         self._finish(error)
 
-    def _finish(self, error: OSError | None) -> None:
-        """Finish the sync in flight, start the next one (so that it overlaps the
-        replies), then release the writers it covered."""
-        ticket, covered = self._ticket, self._covered
-        if ticket is None:
+    def _finish(self, error: OSError | None, ticket: SyncTicket | None = None) -> None:
+        """Finish the sync in flight (``ticket``, if given, must still be it), start
+        the next one (so that it overlaps the replies), then release the writers it
+        covered."""
+        if self._ticket is None or (ticket is not None and ticket is not self._ticket):
             return
+        ticket, covered = self._ticket, self._covered
         self._ticket, self._covered = None, []
+        ready = covered
         try:
-            self._engine.end_sync(ticket, error)
-        except EngineError as exc:
-            log.error("sync failed; %d waiting request batches get an error: %s",
-                      len(covered), exc)
-        ready = self._sort(covered)
-        if self._queued and not self._closing:
-            self._start()
-        self._release(ready)
+            try:
+                self._engine.end_sync(ticket, error)
+            except EngineError as exc:
+                log.error("sync failed; %d waiting request batches get an error: %s",
+                          len(covered), exc)
+            ready = self._sort(covered)
+            if self._queued and not self._closing:
+                self._start()
+        finally:
+            # Whatever failed above, no writer is left waiting for this sync: each one
+            # released tells for itself whether its appends are durable or lost.
+            self._release(ready)
 
     def _sort(self, writers: list[Writer]) -> list[Writer]:
         """The writers whose appends are durable or lost; the others (written after
@@ -193,9 +221,10 @@ class GroupCommit:
             self._syncer.close()
         except OSError as exc:
             log.warning("closing the fdatasync helper: %s", exc)
-        self._use(InlineSyncer())
+        self._syncer = None
+        self._inline = True
         if self._ticket is not None:
-            self._syncer.request(self._ticket.fd, self._ticket.segment)
+            self._request(self._ticket)
 
     # -- everysec -----------------------------------------------------------------------
 
@@ -219,16 +248,17 @@ class GroupCommit:
         self._closing = True
         if self._periodic is not None:
             self._periodic.kill()
-        if self._syncer is None:
+        if self._syncer is None:  # never started, or inline: nothing is in flight
             return
         self._answered.stop()
         if self._ticket is not None:
             error = self._wait_for_answer()
             if error is GONE:  # the pages it was to sync are still there: sync them here
-                fallback = InlineSyncer()
-                fallback.request(self._ticket.fd, self._ticket.segment)
-                error = fallback.result()
-                fallback.close()
+                try:
+                    os.fdatasync(self._ticket.fd)
+                    error = None
+                except OSError as exc:
+                    error = exc
             self._finish(error)
         self._syncer.close()
 

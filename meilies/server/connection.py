@@ -58,12 +58,12 @@ class Connection:
         #: True while a batch of requests is being run (graceful stop lets it finish).
         self.busy = False
         self._out: list[bytes] = []
-        #: Indexes in ``_out`` of write replies not yet settled, and the position
-        #: they need durable.
-        self._write_slots: list[int] = []
-        self._durable_needed = 0
-        #: ``engine.loss_mark`` before the first of those appends (see commit.wait).
-        self._loss_mark = 0
+        #: Replies to appends not yet settled, one entry per append: (index of its
+        #: first reply in ``_out``, how many replies, the global position the append
+        #: ends at, ``engine.loss_mark`` before it). Each is judged on its own: a
+        #: failure may take back one append of a pipeline and not the next.
+        self._writes: list[tuple[int, int, int, int]] = []
+        self._always = server.config.fsync == "always"
         self._send_lock = Semaphore()
         self._subscriptions: list[gevent.Greenlet] = []
 
@@ -188,7 +188,7 @@ class Connection:
                 command.max_args is not None and len(request) > command.max_args):
             out.append(wrong_arity(command.name).reply)
             return
-        if command.reads and self._write_slots:
+        if command.reads and self._writes:
             self._settle_writes()
         try:
             out.append(command.handler(self, request))
@@ -209,33 +209,50 @@ class Connection:
     # -- durability of writes ---------------------------------------------------------------
 
     def wrote(self, position: int, replies: int = 1) -> None:
-        """The next ``replies`` replies answer appends not yet durable, ending at
-        ``position``; ``_settle_writes`` settles them before anything is sent."""
-        if not self._write_slots:
-            self._loss_mark = self.engine.loss_mark
-        at = len(self._out)
-        self._write_slots.extend(range(at, at + replies))
-        if position > self._durable_needed:
-            self._durable_needed = position
+        """The next ``replies`` replies answer one append, ending at ``position``, not
+        yet durable; ``_settle_writes`` settles them before anything is sent. (Called
+        right after the append: nothing can have taken it back in between, so the loss
+        mark noted now is the one from before it.)"""
+        self._writes.append((len(self._out), replies, position, self.engine.loss_mark))
 
     def _settle_writes(self) -> None:
         """Make this connection's appends safe before replying: under ``--fsync
         always`` wait for the group commit (which writes and syncs them with everyone
-        else's), otherwise write them now. If that fails, or a failure took them back
-        meanwhile, the engine has forgotten them, and their replies become errors."""
-        if not self._write_slots:
+        else's), otherwise write them now. Then each append whose events a failure took
+        back (that write or sync, or any before it, such as a roll's) gets the error
+        as its replies; the others stand."""
+        writes = self._writes
+        if not writes:
             return
+        engine = self.engine
+        failure = None
         try:
-            if self.server.config.fsync == "always":
-                self.server.commit.wait(self._durable_needed, self._loss_mark)
+            if self._always:
+                # The last append still standing ends last (a take-back rewinds
+                # positions, so earlier survivors end before it): waiting for it
+                # waits for all of them.
+                standing = [w for w in writes if engine.lost_since(w[3], w[2]) is None]
+                if standing:
+                    _at, _count, position, mark = standing[-1]
+                    self.server.commit.wait(position, mark)
             else:
-                self.engine.flush()
+                engine.flush()
         except StorageError as exc:
-            reply = engine_error_reply(exc)
-            for slot in self._write_slots:
-                self._out[slot] = reply
-        self._write_slots.clear()
-        self._durable_needed = 0
+            failure = exc  # each append is judged below
+        judged = False
+        for at, count, position, mark in writes:
+            lost = engine.lost_since(mark, position)
+            if lost is not None:
+                self._out[at:at + count] = [engine_error_reply(lost)] * count
+                judged = True
+        if failure is not None and not judged:
+            # The failure took back none of these appends by the engine's account:
+            # never claim them stored on an unexplained failure.
+            log.error("storage failure not traced to any append; answering them all with"
+                      " it: %s", failure)
+            for at, count, _position, _mark in writes:
+                self._out[at:at + count] = [engine_error_reply(failure)] * count
+        writes.clear()
 
     def flush(self) -> None:
         """Send every reply built so far, once their writes are durable."""

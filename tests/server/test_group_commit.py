@@ -16,6 +16,7 @@ import errno
 import os
 import signal
 import socket
+import time
 
 import gevent
 import pytest
@@ -41,14 +42,17 @@ class HeldSyncer:
     def request(self, fd: int, file: object) -> None:
         self.requests.append(fd)
 
-    def release(self) -> None:
-        """Run the oldest request's fdatasync now; its answer reaches the loop."""
+    def release(self, error: OSError | None = None) -> None:
+        """Run the oldest request's fdatasync now, or report ``error`` for it instead
+        (as the helper would after its own fdatasync failed); the answer reaches the
+        loop."""
         fd = self.requests.popleft()
-        try:
-            os.fdatasync(fd)
-            self._results.append(None)
-        except OSError as exc:
-            self._results.append(exc)
+        if error is None:
+            try:
+                os.fdatasync(fd)
+            except OSError as exc:
+                error = exc
+        self._results.append(error)
         self._writer.send(b"S")
 
     def result(self) -> OSError | None:
@@ -278,3 +282,154 @@ def test_the_server_sends_a_segment_to_the_helper_once(big_engine, monkeypatch):
     assert sent[0] == "file" and set(sent[1:]) == {"sync"} and len(sent) >= 3
     assert big_engine.durable_position == 6
     commit.close()
+
+
+EIO = OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def sync_until_done(syncer: HeldSyncer, greenlets) -> None:
+    """Let every sync the writers ask for run (succeed) until they are all answered.
+    (Polls with short sleeps: the loop must turn for the syncer's answers to arrive.)"""
+    deadline = time.monotonic() + TIMEOUT
+    while not all(g.ready() for g in greenlets):
+        assert time.monotonic() < deadline, "writers still waiting"
+        if syncer.requests:
+            syncer.release()
+        gevent.sleep(0.001)
+
+
+def read_all(directory, segment_size) -> list[tuple[bytes, int, bytes]]:
+    with Engine.open(directory, fsync="always", segment_size=segment_size) as engine:
+        return [(e.stream, e.number, bytes(e.data)) for e in engine.read_all()]
+
+
+def test_a_sync_that_fails_after_its_appends_were_taken_back_touches_nothing_else(
+        tmp_path, fdatasync):
+    """A roll's failed sync took back the appends a helper sync was for; a retried
+    batch then rolled fine into a new segment; then the helper's sync reports EIO.
+    That answer concerns nothing that remains: the retried batch and the writers after
+    it are stored, and the log opens again with exactly them."""
+    engine = Engine.open(tmp_path / "d", fsync="always", segment_size=600)
+    engine.append(b"w0", [(b"e", b"p" * 300)])
+    engine.sync()  # durable: the failed roll takes back only what comes after
+    syncer = HeldSyncer()
+    commit = GroupCommit(engine, syncer)
+    results = {}
+    w1 = gevent.spawn(writer, engine, commit, b"w1", b"x", results)
+    gevent.sleep(0)  # T1 for w1, held
+    fdatasync.failing = True
+    with pytest.raises(StorageError):  # the roll's sync fails: w1 is taken back
+        engine.append(b"w2", [(b"e", b"y" * 300)])
+    fdatasync.failing = False
+    w3 = gevent.spawn(writer, engine, commit, b"w3", b"z" * 250, results)  # rolls, fine
+    gevent.sleep(0)
+    assert len(engine.segments) == 2
+    syncer.release(EIO)  # T1 answers: failed
+    sync_until_done(syncer, [w1, w3])
+    assert isinstance(results[b"w1"], StorageError) and results[b"w3"] == "stored"
+    w4 = gevent.spawn(writer, engine, commit, b"w4", b"acked", results)
+    sync_until_done(syncer, [w4])
+    assert results[b"w4"] == "stored"
+    commit.close()
+    engine.close()
+    assert read_all(tmp_path / "d", 600) == [(b"w0", 0, b"p" * 300), (b"w3", 0, b"z" * 250),
+                                             (b"w4", 0, b"acked")]
+
+
+def test_a_failed_helper_sync_that_a_roll_covered_is_logged_not_lost(tmp_path, caplog):
+    engine = Engine.open(tmp_path / "d", fsync="always", segment_size=400)
+    syncer = HeldSyncer()
+    commit = GroupCommit(engine, syncer)
+    results = {}
+    w1 = gevent.spawn(writer, engine, commit, b"w1", b"x", results)
+    gevent.sleep(0)
+    engine.append(b"big", [(b"e", b"y" * 300)])  # rolls: its own sync covers w1
+    syncer.release(EIO)
+    w1.join(timeout=TIMEOUT)
+    assert results[b"w1"] == "stored" and engine.durable_position == 1  # "big" waits
+    assert any("failed" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    commit.close()
+    engine.close()
+
+
+# -- a whole server in-process: one connection's pipeline across a failed roll -------------
+
+
+def resp_command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def read_lines(sock, count: int) -> list[bytes]:
+    data = b""
+    while data.count(b"\r\n") < count:
+        more = sock.recv(65536)
+        assert more, "the server closed the connection"
+        data += more
+    return data.split(b"\r\n")[:count]
+
+
+class FailNext:
+    """Stands in for an os call: the next ``armed`` calls fail with ``errno``."""
+
+    def __init__(self, real, code: int) -> None:
+        self.real, self.code, self.armed = real, code, 0
+
+    def __call__(self, *args):
+        if self.armed:
+            self.armed -= 1
+            raise OSError(self.code, os.strerror(self.code))
+        return self.real(*args)
+
+
+def serve(tmp_path, policy: str):
+    from gevent import socket as gsocket
+
+    from meilies.server.app import Config, Server
+
+    engine = Engine.open(tmp_path / "d", fsync=policy, segment_size=600)
+    server = Server(engine, Config(port=0, fsync=policy))
+    server.start()
+    client = gsocket.create_connection(("127.0.0.1", server.port))
+    client.sendall(resp_command(b"publish", b"warm", b"e", b"w" * 200))
+    assert read_lines(client, 1) == [b"+OK"]
+    return engine, server, client
+
+
+def pipeline_across_a_roll(client) -> list[bytes]:
+    """publish a, then b (which rolls the segment), then c, in one read."""
+    client.sendall(resp_command(b"publish", b"a", b"e", b"x")
+                   + resp_command(b"publish", b"b", b"e", b"y" * 400)
+                   + resp_command(b"publish", b"c", b"e", b"z"))
+    return read_lines(client, 3)
+
+
+def test_a_pipeline_across_a_roll_whose_sync_fails_answers_each_publish_truly(
+        tmp_path, monkeypatch):
+    engine, server, client = serve(tmp_path, "always")
+    stand_in = FailNext(os.fdatasync, errno.EIO)
+    monkeypatch.setattr(os, "fdatasync", stand_in)
+    stand_in.armed = 1  # the roll's own fdatasync, on the server's loop
+    replies = pipeline_across_a_roll(client)
+    # a was taken back by the failed roll, b failed, c was appended after: stored.
+    assert replies[0].startswith(b"-ERR storage failure") and \
+        replies[1].startswith(b"-ERR storage failure") and replies[2] == b"+OK", replies
+    client.sendall(resp_command(b"publish", b"d", b"e", b"later"))
+    assert read_lines(client, 1) == [b"+OK"]
+    client.close()
+    server.stop()
+    assert [s for s, _n, _d in read_all(tmp_path / "d", 600)] == [b"warm", b"c", b"d"]
+
+
+@pytest.mark.parametrize("policy", ["always", "everysec", "no"])
+def test_a_pipeline_across_a_roll_whose_write_fails_answers_each_publish_truly(
+        tmp_path, monkeypatch, policy):
+    engine, server, client = serve(tmp_path, policy)
+    stand_in = FailNext(os.pwritev, errno.ENOSPC)
+    monkeypatch.setattr(os, "pwritev", stand_in)
+    stand_in.armed = 1  # the roll's write of a, before it syncs: disk full
+    replies = pipeline_across_a_roll(client)
+    assert replies[0].startswith(b"-ERR storage failure") and \
+        replies[1].startswith(b"-ERR storage failure") and replies[2] == b"+OK", replies
+    client.close()
+    server.stop()
+    assert [s for s, _n, _d in read_all(tmp_path / "d", 600)] == [b"warm", b"c"]
