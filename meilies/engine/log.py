@@ -1030,7 +1030,7 @@ class Engine:
     def _locate_damage(self, segment: Segment, end: int) -> None:
         """A checked region's hash is wrong: find and raise the first bad record."""
         buf = segment.buffer(end)
-        for record in iter_records(buf, fmt.SEGMENT_HEADER_SIZE, end):
+        for record in iter_records(buf, fmt.SEGMENT_HEADER_SIZE, end, version=segment.version):
             if isinstance(record, BadRecord):
                 raise CorruptRecord(segment.path, record.offset, record.reason)
         raise CorruptSegment(segment.path, 0, "segment content does not match the"
@@ -1043,7 +1043,8 @@ class Engine:
         index = ActiveIndex()
         position = segment.base_position
         buf = segment.buffer(state.size)
-        for record in iter_records(buf, fmt.SEGMENT_HEADER_SIZE, state.size):
+        for record in iter_records(buf, fmt.SEGMENT_HEADER_SIZE, state.size,
+                                   version=segment.version):
             if isinstance(record, BadRecord):
                 raise CorruptRecord(segment.path, record.offset, record.reason)
             for frame_at, frame_len in record.frames:
@@ -1094,12 +1095,12 @@ class Engine:
             start = fmt.SEGMENT_HEADER_SIZE
         self.open_report.scanned_bytes += file_size - start
         offset = start
-        for record in iter_records(buf, start, file_size):
+        for record in iter_records(buf, start, file_size, version=segment.version):
             if isinstance(record, BadRecord):
                 offset = record.offset
                 if last and offset >= covered and \
-                        valid_record_after(buf, offset, file_size,
-                                           min_position=position + 1) is None:
+                        valid_record_after(buf, offset, file_size, min_position=position + 1,
+                                           version=segment.version) is None:
                     break
                 raise CorruptRecord(segment.path, offset, record.reason)
             self._apply_record(segment, record, position, apply=record.offset >= covered)

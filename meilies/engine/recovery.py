@@ -56,12 +56,14 @@ class RecoveryReport:
     reason: str = ""
 
 
-def check_record(buf, offset: int, end: int, *, deep: bool = False
-                 ) -> ScannedRecord | BadRecord:
+def check_record(buf, offset: int, end: int, *, deep: bool = False,
+                 version: int | None = None) -> ScannedRecord | BadRecord:
     """Validate the record at ``offset`` of ``buf[:end]``.
 
-    Shallow: magic, version, flags, length within bounds, checksum, event framing.
-    Deep (fsck): also that each frame's bytes spell its stream, number and lengths.
+    Shallow: magic, version, flags, length within bounds, checksum, event framing;
+    with ``version`` (the segment header's), that the record has that version: a
+    segment never mixes versions. Deep (fsck): also that each frame's bytes spell its
+    stream, number and lengths.
     """
     if end - offset < RECORD_HEADER_SIZE:
         return BadRecord(offset, "short record header")
@@ -74,6 +76,9 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False
         return BadRecord(offset, "checksum mismatch")
     if header.version not in FORMAT_HISTORY or header.flags != 0:
         return BadRecord(offset, f"unknown record version {header.version} / flags {header.flags}")
+    if version is not None and header.version != version:
+        return BadRecord(offset, f"a version {header.version} record in a version {version}"
+                         " segment")
     count = header.count
     if count == 0 or not 1 <= header.stream_name_length <= 255:
         return BadRecord(offset, "record with no events or a bad stream name length")
@@ -148,19 +153,20 @@ def _frame_matches(buf, at: int, length: int, data_len: int, prefix: bytes, numb
     return buf[at + length - 2:at + length] == b"\r\n"
 
 
-def iter_records(buf, start: int, end: int, *, deep: bool = False
-                 ) -> Iterator[ScannedRecord | BadRecord]:
+def iter_records(buf, start: int, end: int, *, deep: bool = False,
+                 version: int | None = None) -> Iterator[ScannedRecord | BadRecord]:
     """Yield each record from ``start``; stop after the first :class:`BadRecord`."""
     offset = start
     while offset < end:
-        result = check_record(buf, offset, end, deep=deep)
+        result = check_record(buf, offset, end, deep=deep, version=version)
         yield result
         if isinstance(result, BadRecord):
             return
         offset = result.end
 
 
-def valid_record_after(buf, offset: int, end: int, *, min_position: int = 0) -> int | None:
+def valid_record_after(buf, offset: int, end: int, *, min_position: int = 0,
+                       version: int | None = None) -> int | None:
     """Offset of the first valid record that starts after ``offset``, or None.
 
     Searches for the record magic byte by byte, as the only way to tell damage in the
@@ -175,7 +181,7 @@ def valid_record_after(buf, offset: int, end: int, *, min_position: int = 0) -> 
         at = buf.find(RECORD_MAGIC, at, end)
         if at < 0:
             return None
-        found = check_record(buf, at, end)
+        found = check_record(buf, at, end, version=version)
         if isinstance(found, ScannedRecord) and found.header.base_position >= min_position:
             return at
         at += 1

@@ -122,3 +122,27 @@ def test_a_crash_after_the_upgrade_recovers_both_versions(v1_dir, tmp_path):
     with Engine.open(crashed, segment_size=SEGMENT_SIZE) as engine:
         assert read_everything(engine) == expected
     assert fsck.verify(crashed).clean
+
+
+def test_a_record_of_another_version_than_its_segment_is_damage(tmp_path):
+    """A segment never mixes versions: a version 1 record in a version 2 segment, even
+    with a good checksum and the right numbers, is refused by open and by fsck."""
+    from meilies.engine import CorruptRecord
+
+    directory = tmp_path / "data"
+    with Engine.open(directory) as engine:
+        engine.append(b"s", [(b"e", b"0"), (b"e", b"1")])
+    [segment] = segment_files(directory)
+    assert segment_version(segment) == 2
+    foreign = fmt.encode_record(b"s", 0, 2, 2, [(b"e", b"2"), (b"e", b"3")], version=1)
+    after = fmt.encode_record(b"s", 0, 4, 4, [(b"e", b"4")], version=2)
+    at = segment.stat().st_size
+    with open(segment, "ab") as handle:
+        handle.write(foreign.data + after.data)
+    with pytest.raises(CorruptRecord) as refused:
+        Engine.open(directory)
+    assert refused.value.offset == at and "version 1 record" in refused.value.reason
+    report = fsck.verify(directory)
+    assert not report.clean
+    assert any(p.offset == at and "version 1 record in a version 2 segment" in p.reason
+               for p in report.problems), report.problems

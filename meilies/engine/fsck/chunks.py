@@ -57,6 +57,9 @@ class _Task:
     #: Per record of the chunk, as the planner's header walk saw them: the index of its
     #: first entry in the .sidx (where its run lands once sorted by stream, number).
     sidx_locs: array | None = None
+    #: The format version in the segment's header, which every record must have
+    #: (None: the header is unreadable; the parent reports that).
+    version: int | None = None
 
 
 @dataclass
@@ -133,7 +136,7 @@ def _scan_chunk(buf: mmap.mmap, out: _Chunk) -> tuple[array, array, array]:
     add_offset, add_pos = out.rec_offset.append, out.rec_pos.append
     add_sid, add_first = out.rec_sid.append, out.rec_first.append
     while offset < stop:
-        record = check_record(buf, offset, stop, deep=True)
+        record = check_record(buf, offset, stop, deep=True, version=out.task.version)
         if record.__class__ is BadRecord:
             out.bad = (offset, record.reason)
             out.bad_is_framing = True
@@ -265,6 +268,19 @@ def _first_bad_entry(found: bytes, expected: bytes, first: int) -> tuple[int, tu
     at = n * ENTRY_SIZE
     have = ENTRY.unpack_from(found, at) if len(found) >= at + ENTRY_SIZE else ()
     return first + n, have, ENTRY.unpack_from(expected, at)
+
+
+def segment_version(path: str | Path) -> int | None:
+    """The format version a segment's header names, or None if it has no header with
+    a good checksum (what is wrong with it is for ``_segment_header_reason``)."""
+    with open(path, "rb") as handle:
+        raw = handle.read(fmt.SEGMENT_HEADER_SIZE)
+    if len(raw) < fmt.SEGMENT_HEADER_SIZE:
+        return None
+    header = fmt.decode_segment_header(raw)
+    if header.magic != fmt.SEGMENT_MAGIC or not header.checksum_ok:
+        return None
+    return header.version
 
 
 def _segment_header_reason(path: Path, base: int, size: int) -> str | None:

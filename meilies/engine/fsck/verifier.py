@@ -29,6 +29,7 @@ from .chunks import (
     _index_size_problem,
     _is_boundary,
     _segment_header_reason,
+    segment_version,
     _sidx_locations,
     _size,
     _size_or_none,
@@ -172,16 +173,17 @@ class _Verifier:
         sidx_arg = str(sidx) if not newest and sidx.exists() else None
         offsets, sids, firsts, counts = _walk_headers(path, size)
         locs = _sidx_locations(sids, firsts, counts) if sidx_arg else None
+        version = segment_version(path)
         tasks = []
         first = 0  # record index where the current chunk starts
         start = fmt.SEGMENT_HEADER_SIZE
         for i, offset in enumerate(offsets):
             if offset - start >= CHUNK_BYTES:
                 tasks.append(_Task(k, base, path, size, start, offset, False, pidx_arg,
-                                   sidx_arg, locs[first:i] if locs else None))
+                                   sidx_arg, locs[first:i] if locs else None, version))
                 start, first = offset, i
         tasks.append(_Task(k, base, path, size, start, size, True, pidx_arg, sidx_arg,
-                           locs[first:] if locs else None))
+                           locs[first:] if locs else None, version))
         return tasks
 
     def _merge_all(self, chunks: Iterator[_Chunk], total: int) -> None:
@@ -282,8 +284,8 @@ class _Verifier:
                 # As the engine's open does: only a record the log wrote after the bad
                 # one (position past it) makes this damage rather than a torn tail.
                 after = segment.base + segment.events_before(offset) + 1
-                torn = valid_record_after(buf, offset, segment.size,
-                                          min_position=after) is None
+                torn = valid_record_after(buf, offset, segment.size, min_position=after,
+                                          version=segment_version(segment.path)) is None
             finally:
                 close_map(buf)
             covered = self._checkpoint_size(segment.k)
