@@ -433,8 +433,10 @@ class Engine:
         """Write everything appended and return what makes it durable, or None if it is.
 
         :meth:`sync` in two halves, for a caller that runs the fdatasync elsewhere (in
-        another process, on a copy of ``ticket.fd``) while appends go on: then it calls
-        :meth:`end_sync` with the outcome. One ticket at a time. Raises
+        another process, on a descriptor of the same file) while appends go on: then it
+        calls :meth:`end_sync` with the outcome. Meanwhile anything may happen here,
+        including :meth:`sync` itself (a roll's) and its failure; :meth:`end_sync`
+        accounts for it. The caller keeps one ticket in flight at a time. Raises
         :class:`StorageError` if the write fails (the unwritten appends are then taken
         back).
         """

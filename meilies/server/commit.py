@@ -173,8 +173,7 @@ class GroupCommit:
             try:
                 self._engine.end_sync(ticket, error)
             except EngineError as exc:
-                log.error("sync failed; %d waiting request batches get an error: %s",
-                          len(covered), exc)
+                log.error("sync failed (%d writers waited for it): %s", len(covered), exc)
             ready = self._sort(covered)
             if self._queued and not self._closing:
                 self._start()
