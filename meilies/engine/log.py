@@ -48,7 +48,7 @@ from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_
                     plain_event_name)
 from .recovery import BadRecord, RecoveryReport, ScannedRecord, iter_records, valid_record_after
 from .segment import Segment
-from .spans import plan_spans
+from .spans import plan_spans, runs
 from .streams import StreamTable
 
 log = logging.getLogger("meilies.engine")
@@ -811,7 +811,8 @@ class Engine:
             if not offsets:
                 return [], after
             view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
-            return [view[a:b] for a, b in contiguous_runs(offsets, lengths)], after
+            starts, ends = runs(array("Q", offsets), 0, 1, lengths)
+            return [view[a:b] for a, b in zip(starts, ends)], after
         found = self._all_range(position, max_events)
         if found is None:
             return [], position
@@ -1180,43 +1181,6 @@ def _read_prefix(path: Path, count: int) -> bytes | None:
     except FileNotFoundError:
         return None
     return raw if len(raw) == count * ENTRY_SIZE else None
-
-
-def contiguous_runs(offsets: list[int], lengths: list[int], before: list[int] | None = None
-                    ) -> list[tuple[int, int]]:
-    """Byte ranges ``(start, end)`` that cover the frames at ``offsets`` (increasing, not
-    overlapping) with ``lengths``, one range per run of frames that lie back to back.
-
-    ``before`` is ``accumulate(lengths, initial=0)`` if the caller has it. Frame k
-    continues the run of frame i exactly when ``offsets[k] - before[k]`` equals
-    ``offsets[i] - before[i]``; that key never decreases, so each run's end is found by
-    galloping and bisection, with a few Python steps per run rather than per frame.
-    """
-    count = len(offsets)
-    if count == 1:
-        return [(offsets[0], offsets[0] + lengths[0])]
-    if before is None:
-        before = list(accumulate(lengths, initial=0))
-    if offsets[-1] - before[count - 1] == offsets[0]:  # all one run: the usual batch
-        return [(offsets[0], offsets[-1] + lengths[-1])]
-    runs = []
-    i = 0
-    while i < count:
-        key = offsets[i] - before[i]
-        inside, step = i, 1  # inside: known in the run; probe past it, doubling the step
-        probe = i + 1
-        while probe < count and offsets[probe] - before[probe] == key:
-            inside, step = probe, step * 2
-            probe = min(count, probe + step)
-        while probe - inside > 1:  # the run ends in (inside, probe]
-            middle = (inside + probe) // 2
-            if offsets[middle] - before[middle] == key:
-                inside = middle
-            else:
-                probe = middle
-        runs.append((offsets[i], offsets[inside] + lengths[inside]))
-        i = inside + 1
-    return runs
 
 
 _PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"

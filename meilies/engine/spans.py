@@ -58,12 +58,13 @@ def plan_spans(view, offset_at: int, length_at: int, stride: int, count: int, bu
         lengths += chunk[:fit]
         taken += fit
         break
-    return (taken, *_runs(view, offset_at, stride, lengths))
+    return (taken, *runs(view, offset_at, stride, lengths))
 
 
-def _runs(view, offset_at: int, stride: int, lengths: list[int]
-          ) -> tuple[list[int], list[int]]:
-    """Byte ranges of the frames whose lengths are ``lengths`` (see :func:`plan_spans`).
+def runs(view, offset_at: int, stride: int, lengths: list[int]) -> tuple[list[int], list[int]]:
+    """The byte ranges (starts, ends) of the frames whose lengths are ``lengths`` and
+    whose offsets are ``view[offset_at + k * stride]`` (a memoryview of an index, or an
+    ``array`` of offsets with ``offset_at=0, stride=1``): see :func:`plan_spans`.
 
     A run ends where the next frame does not start at the end of its last one. Runs
     tend to repeat their length (a producer's batches), so each run first tries where
