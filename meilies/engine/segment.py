@@ -1,7 +1,8 @@
 """One segment file: appended to while active, read-only and fully indexed once sealed.
 
-Writes go through ``os.pwrite`` at the segment's known end, so a failed or partial
-write is cut off again with ``ftruncate`` and never becomes part of the log. Reads go
+Writes go through ``os.pwritev`` (the records queued since the last write, as they
+are) at the segment's known end, so a failed or partial write is cut off again with
+``ftruncate`` and never becomes part of the log. Reads go
 through ``mmap``: a sealed segment is mapped once; the active one is remapped at its
 new size when a reader needs bytes past the current map (never ``mmap.resize``, which
 fails while readers hold views). Old maps stay alive for as long as views of them do.
