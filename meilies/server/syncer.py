@@ -69,8 +69,11 @@ class SyncProcess:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            # This file, run as a script in isolated mode: it needs nothing but the
+            # standard library, and so nothing from the current directory or the
+            # environment can stand in for what it imports.
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "meilies.server.syncer", str(theirs.fileno())],
+                [sys.executable, "-I", __file__, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
@@ -180,8 +183,7 @@ def serve(sock: socket.socket) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1 or not argv[0].isdigit():
-        print("usage: python -m meilies.server.syncer FD  (started by meilies-server)",
-              file=sys.stderr)
+        print("usage: python -I syncer.py FD  (started by meilies-server)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
