@@ -435,10 +435,11 @@ class Engine:
         :meth:`sync` in two halves, for a caller that runs the fdatasync elsewhere (in
         another process, on a descriptor of the same file) while appends go on: then it
         calls :meth:`end_sync` with the outcome. Meanwhile anything may happen here,
-        including :meth:`sync` itself (a roll's) and its failure; :meth:`end_sync`
-        accounts for it. The caller keeps one ticket in flight at a time. Raises
-        :class:`StorageError` if the write fails (the unwritten appends are then taken
-        back).
+        including :meth:`sync` itself (a roll's) and its failure, and further
+        tickets; :meth:`end_sync` accounts for it. The caller ends tickets in the order
+        it began them (each fdatasync covers the writes before it: a later ticket's
+        sync covers an earlier one's too). Raises :class:`StorageError` if the write
+        fails (the unwritten appends are then taken back).
         """
         self._check_open()
         self.flush()

@@ -1,24 +1,34 @@
 """Group commit: fdatasyncs run back to back off the event loop, each covering every
-write made while the previous one ran.
+write made before it began.
 
 A connection appends its requests' events (the engine keeps them in memory), then
-waits here for durability. When a writer starts waiting and no sync is running, one
-starts at once: the engine writes everything appended so far with one ``pwritev``
-(``Engine.begin_sync``), and the syncer (syncer.py: a helper process) runs the
-fdatasync. Meanwhile the event loop serves other connections, whose appends queue for
-the next sync; so under load each sync covers everything written during the previous
-one, and the disk and the loop work at the same time. When the syncer answers, the
-next sync starts before the finished group is answered, so that it overlaps the
-replies. A writer is released once the log is durable past its appends, or with the
-error if a failure took them back (this sync's, or any write or sync before it).
+waits here for durability. At the end of the loop turn, once every connection with a
+request ready has run it (Redis' ``beforeSleep``), the engine writes everything
+appended so far with one ``pwritev`` (``Engine.begin_sync``) and the syncer (syncer.py:
+a helper process) is asked for an fdatasync; the waiting writers are that sync's.
+Meanwhile the event loop serves other connections, and a later turn asks again for
+its own writers while the first sync still runs: the helper takes every request
+waiting for it into its next fdatasync, which it starts the moment the previous one
+returns. So the disk never waits for the loop to read an answer and ask again, and
+under load each sync covers everything written while the previous one ran. Answers
+come back in order; a writer is released once the log is durable past its appends, or
+with the error if a failure took them back (its sync's, or any write or sync before
+it: under ``always`` a failed sync takes back every append not durable, so the
+writers of the syncs still in flight behind it are answered at once).
 
 Measured on this project's 2-core machine, 4 connections publishing 100-byte events
-(``python3 tools/bench_server.py --runs 3``, medians, Redis 7 in the same runs): with
-one fdatasync per loop turn on the loop itself, as Redis does in ``beforeSleep``,
-every client waited for the sync plus all the Python work of the turn: 14,000
-events/s at depth 1 (Redis 20,400-22,000) and 185,000-208,000 at depth 64 (Redis
-290,000); with the helper process 15,300 and 233,000 (Redis 21,400 and 296,000). See
-syncer.py for why not a thread.
+(``python3 tools/bench_server.py``; medians, Redis 7 in the same runs): with one
+fdatasync per loop turn on the loop itself, as Redis does, every client waited for
+the sync plus all the Python work of the turn: 14,000 events/s at depth 1 (Redis
+20,400-22,000) and 185,000-208,000 at depth 64 (Redis 290,000). With the helper
+process, one sync at a time, started as soon as a writer waited: 15,300 and 233,000
+(Redis 21,400 and 296,000); but between two syncs the helper waited about 50 us for
+the loop to read its answer and ask again (``perf trace``: 116 us in fdatasync, 51 us
+in recvmsg per sync at depth 1). Asking at the end of the turn, with up to
+MAX_IN_FLIGHT requests outstanding and the helper taking all that wait: at depth 64,
+184,000 events/s against 150,000 for one at a time (Redis 171,000), medians of four
+alternating 3-second runs on a busy host; at depth 1 no difference (9,200 and 9,300).
+See syncer.py for why not a thread.
 
 Under ``--fsync everysec`` the same syncer makes the log durable once a second, so
 that a second's worth of writes never blocks the loop while the disk takes it.
@@ -26,6 +36,7 @@ that a second's worth of writes never blocks the loop while the disk takes it.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
@@ -41,19 +52,25 @@ from .syncer import GONE, SyncProcess, Syncer
 
 log = logging.getLogger("meilies.server")
 
-#: How long a stopping server waits for the answer to the sync in flight.
+#: How long a stopping server waits for the answers to the syncs in flight.
 STOP_WAIT_SECONDS = 30.0
 
 #: (waiter, global position its appends end at, ``engine.loss_mark`` before them)
 Writer = tuple[Waiter, int, int]
+
+#: Syncs asked of the syncer and not yet answered, at most. More are never needed: the
+#: helper covers every request waiting for it with one fdatasync.
+MAX_IN_FLIGHT = 8
 
 
 class GroupCommit:
     def __init__(self, engine: Engine, syncer: Syncer | None = None) -> None:
         self._engine = engine
         self._queued: list[Writer] = []
-        self._covered: list[Writer] = []
-        self._ticket: SyncTicket | None = None
+        #: Syncs asked of the syncer, oldest first, each with the writers it covers.
+        self._inflight: collections.deque[tuple[SyncTicket, list[Writer]]] = \
+            collections.deque()
+        self._scheduled = False
         #: The helper (or a test's syncer); None: not started yet, or syncing on the
         #: loop (``_inline``) because it could not start or died.
         self._syncer: Syncer | None = None
@@ -101,14 +118,23 @@ class GroupCommit:
             # check again and wait for the next sync.
             waiter = Waiter()
             self._queued.append((waiter, position, mark))
-            if self._ticket is None and not self._closing:
-                self._start()
+            if not self._scheduled and not self._closing:
+                # At the end of this turn of the loop, once every connection with a
+                # request ready has run it (Redis' beforeSleep): one sync for them all.
+                self._scheduled = True
+                get_hub().loop.run_callback(self._end_of_turn)
             waiter.get()
 
+    def _end_of_turn(self) -> None:
+        self._scheduled = False
+        if self._queued and not self._closing:
+            self._start()
+
     def _start(self) -> None:
-        """Start a sync of everything appended (none is running), for the queued
-        writers; release them at once if their appends are already durable or lost."""
-        while self._ticket is None:
+        """Ask for a sync of everything appended, for the queued writers (unless
+        MAX_IN_FLIGHT are asked already: then when an answer comes); release them at
+        once if their appends are already durable or lost."""
+        while len(self._inflight) < MAX_IN_FLIGHT:
             try:
                 ticket = self._engine.begin_sync()
             except StorageError as exc:
@@ -120,7 +146,12 @@ class GroupCommit:
             if ticket is None:  # durable already (another sync covered them)
                 self._release(self._sort(self._take_queued()))
                 return
-            self._ticket, self._covered = ticket, self._take_queued()
+            if self._inflight:
+                last, covered = self._inflight[-1]
+                if ticket.position <= last.position and ticket.mark == last.mark:
+                    covered.extend(self._take_queued())  # written before it began
+                    return
+            self._inflight.append((ticket, self._take_queued()))
             self._request(ticket)
             return
 
@@ -132,9 +163,9 @@ class GroupCommit:
         if self._syncer is not None:
             try:
                 self._syncer.request(ticket.fd, ticket.segment)
-                return
             except OSError as exc:
-                self._syncer_failed(exc)
+                self._syncer_failed(exc)  # syncs every ticket in flight, this one too
+            return
         try:
             os.fdatasync(ticket.fd)
             error = None
@@ -147,33 +178,42 @@ class GroupCommit:
         return queued
 
     def _on_answer(self) -> None:
-        """The syncer answered (we run in the hub)."""
-        try:
-            error = self._syncer.result()
-        except BlockingIOError:
-            return  # woken early: the answer is not complete yet
-        except OSError as exc:  # the socket itself failed: as good as gone
-            log.error("reading the fdatasync helper's answer: %s", exc)
-            error = GONE
-        if error is GONE:
-            self._syncer_failed(error)
-            return
-        self._finish(error)
+        """The syncer answered (we run in the hub): finish each sync answered, oldest
+        first (the helper answers requests in order; one fdatasync may answer several)."""
+        while self._syncer is not None:
+            try:
+                error = self._syncer.result()
+            except BlockingIOError:
+                return  # every answer there is read (or part of one: the rest follows)
+            except OSError as exc:  # the socket itself failed: as good as gone
+                log.error("reading the fdatasync helper's answer: %s", exc)
+                error = GONE
+            if error is GONE:
+                self._syncer_failed(error)
+                return
+            if not self._inflight:
+                log.error("the fdatasync helper answered a sync never asked; ignored")
+                continue
+            self._finish(error)
 
     def _finish(self, error: OSError | None, ticket: SyncTicket | None = None) -> None:
-        """Finish the sync in flight (``ticket``, if given, must still be it), start
-        the next one (so that it overlaps the replies), then release the writers it
-        covered."""
-        if self._ticket is None or (ticket is not None and ticket is not self._ticket):
+        """Finish the oldest sync in flight (``ticket``, if given, must still be it),
+        ask for the next one if writers wait for room (so that it overlaps the
+        replies), then release the writers it covered."""
+        if not self._inflight or (ticket is not None and ticket is not self._inflight[0][0]):
             return
-        ticket, covered = self._ticket, self._covered
-        self._ticket, self._covered = None, []
+        ticket, covered = self._inflight.popleft()
         ready = covered
         try:
             try:
                 self._engine.end_sync(ticket, error)
             except EngineError as exc:
                 log.error("sync failed (%d writers waited for it): %s", len(covered), exc)
+                # Under "always" it took back every append not durable: the writers
+                # of the syncs still in flight learn it now, not when those return.
+                for _later, writers in self._inflight:
+                    covered.extend(writers)
+                    writers.clear()
             ready = self._sort(covered)
             if self._queued and not self._closing:
                 self._start()
@@ -210,7 +250,7 @@ class GroupCommit:
 
     def _syncer_failed(self, cause: OSError) -> None:
         """The helper process is gone: sync on the event loop from now on, starting
-        with the sync it had (the written pages are still there to sync)."""
+        with the syncs it had (the written pages are still there to sync)."""
         process = getattr(self._syncer, "process", None)
         code = process.poll() if process is not None else None
         log.error("the fdatasync helper process is gone (%s, exit code %s); syncing on the"
@@ -222,8 +262,8 @@ class GroupCommit:
             log.warning("closing the fdatasync helper: %s", exc)
         self._syncer = None
         self._inline = True
-        if self._ticket is not None:
-            self._request(self._ticket)
+        for ticket, _covered in list(self._inflight):
+            self._request(ticket)
 
     # -- everysec -----------------------------------------------------------------------
 
@@ -235,13 +275,13 @@ class GroupCommit:
     def _every(self, seconds: float) -> None:
         while True:
             gevent.sleep(seconds)
-            if self._ticket is None:
+            if not self._inflight:
                 self._start()
 
     # -- stopping -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish the sync in flight (if any), then stop the syncer; no sync starts
+        """Finish the syncs in flight (if any), then stop the syncer; no sync starts
         after this. Writers still queued are the server's to end (it syncs once more
         itself at stop, and closes their connections)."""
         self._closing = True
@@ -250,20 +290,21 @@ class GroupCommit:
         if self._syncer is None:  # never started, or inline: nothing is in flight
             return
         self._answered.stop()
-        if self._ticket is not None:
-            error = self._wait_for_answer()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        while self._inflight:
+            error = self._wait_for_answer(deadline)
             if error is GONE:  # the pages it was to sync are still there: sync them here
                 try:
-                    os.fdatasync(self._ticket.fd)
+                    os.fdatasync(self._inflight[0][0].fd)
                     error = None
                 except OSError as exc:
                     error = exc
             self._finish(error)
         self._syncer.close()
 
-    def _wait_for_answer(self) -> OSError | None:
-        """The answer to the sync in flight, waiting for it (at stop only)."""
-        deadline = time.monotonic() + STOP_WAIT_SECONDS
+    def _wait_for_answer(self, deadline: float) -> OSError | None:
+        """The answer to the oldest sync in flight, waiting for it until ``deadline``
+        (at stop only)."""
         while True:
             try:
                 return self._syncer.result()

@@ -17,8 +17,11 @@ cost more than the overlap gains); the helper process 16,900-17,900.
 Wire, over a UNIX stream socket pair: the server sends one byte, ``F`` with the
 descriptor of the file to sync attached (the helper keeps it for the requests that
 follow, and closes the one it had) or ``S`` to sync the file it has; the helper
-answers each with a little-endian i32, 0 or the errno of the failed fdatasync (EBADF
-if it has no file), in order. The helper ignores SIGINT and
+answers each with a little-endian i32, 0 or the errno of the fdatasync that covered it
+(EBADF if it has no file), in order. The server may send requests while one is being
+served; the helper serves every request waiting with one fdatasync per file among
+them (an ``F`` between requests: the earlier file is synced before it is closed).
+The helper ignores SIGINT and
 SIGTERM (a Ctrl-C or a service manager reaches the whole process group; the server
 decides when to stop) and exits when the server's end of the socket closes, which
 also happens when the server dies.
@@ -144,41 +147,87 @@ class SyncProcess:
 
 
 def serve(sock: socket.socket) -> None:
-    """The helper's loop: one fdatasync per request, until the server's end closes."""
+    """The helper's loop, until the server's end closes: wait for a request, take every
+    other one already sent, sync once for all of them (the file of each in turn, if a
+    roll changed it among them), answer each.
+
+    Taking them together is what keeps the disk busy: requests the server sends while
+    a sync runs are all covered by the next one, which starts as soon as the first
+    returns, without waiting for the server to read the answer and ask again.
+    """
     kept = -1  # the descriptor of the file to sync
     try:
         while True:
-            try:
-                data, ancillary, _flags, _addr = sock.recvmsg(1, socket.CMSG_SPACE(4 * 4))
-            except ConnectionError:
+            messages = _receive(sock, 0)
+            if messages is None:
                 return
-            if not data:
-                return
-            fds = array.array("i")
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-            if fds:  # a new file: keep its descriptor, close any other
-                if kept >= 0:
-                    os.close(kept)
-                kept = fds[0]
-                for fd in fds[1:]:
-                    os.close(fd)
-            if kept < 0:
-                code = errno.EBADF
-            else:
-                try:
-                    os.fdatasync(kept)
-                    code = 0
-                except OSError as exc:
-                    code = exc.errno or errno.EIO
+            while True:  # whatever else is there, without waiting
+                more = _receive(sock, socket.MSG_DONTWAIT)
+                if not more:
+                    break
+                messages += more
+            codes: list[int] = []  # one per request: the outcome of the sync covering it
+            unsynced = 0  # requests at the end of ``codes`` that no sync covered yet
+            for kind, fd in messages:
+                if kind == FILE:
+                    if unsynced:  # the previous file's requests: sync it before closing
+                        codes[-unsynced:] = [_sync(kept)] * unsynced
+                        unsynced = 0
+                    if kept >= 0:
+                        os.close(kept)
+                    kept = fd
+                codes.append(0)
+                unsynced += 1
+            if unsynced:
+                codes[-unsynced:] = [_sync(kept)] * unsynced
             try:
-                sock.sendall(RESULT.pack(code))
+                sock.sendall(b"".join(map(RESULT.pack, codes)))
             except ConnectionError:  # the server is gone (killed mid-sync): so are we
                 return
     finally:
         if kept >= 0:
             os.close(kept)
+
+
+def _receive(sock: socket.socket, flags: int) -> list[tuple[bytes, int]] | None:
+    """The requests of one read: (``FILE`` or ``REQUEST``, the descriptor sent with a
+    ``FILE``, else -1). None once the server's end is closed; an empty list if
+    ``flags`` says not to wait and nothing is there."""
+    try:
+        data, ancillary, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(4 * 4), flags)
+    except BlockingIOError:
+        return []
+    except ConnectionError:
+        return None
+    if not data:
+        return None
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    fds = list(fds)
+    messages = []
+    for byte in data:
+        if byte == FILE[0]:
+            # A read stops at the message that carries descriptors: one per FILE, in
+            # order. A FILE without one (never sent so) leaves no file to sync.
+            messages.append((FILE, fds.pop(0) if fds else -1))
+        else:
+            messages.append((REQUEST, -1))
+    for fd in fds:  # more descriptors than FILEs: not ours to keep
+        os.close(fd)
+    return messages
+
+
+def _sync(fd: int) -> int:
+    """fdatasync ``fd``: 0, or the errno it failed with (EBADF without a file)."""
+    if fd < 0:
+        return errno.EBADF
+    try:
+        os.fdatasync(fd)
+        return 0
+    except OSError as exc:
+        return exc.errno or errno.EIO
 
 
 def main(argv: list[str]) -> int:

@@ -176,3 +176,44 @@ def test_checkpoint_that_cannot_be_written_loses_no_event(tmp_path):
     with Engine.open(tmp_path) as engine:
         assert len(engine.stream_names()) == 400
         assert engine.stats()["events"] == 400
+
+
+def test_sync_tickets_in_flight_together_end_in_order(tmp_path):
+    """begin_sync twice before either ends (a helper process syncing while the next
+    request waits behind): each end makes its own prefix durable and visible."""
+    with Engine.open(tmp_path / "d", fsync="always") as engine:
+        engine.append(b"s", [(b"e", b"one")], flush=False)
+        first = engine.begin_sync()
+        engine.append(b"s", [(b"e", b"two")], flush=False)
+        second = engine.begin_sync()
+        assert (first.position, second.position) == (1, 2)
+        assert engine.visible_position == 0
+        os.fdatasync(second.fd)  # one fdatasync after both writes covers both
+        assert engine.end_sync(first, None) == 1
+        assert engine.visible_position == 1 and engine.last_event_number(b"s") == 0
+        assert engine.end_sync(second, None) == 2
+        assert [bytes(e.data) for e in engine.read_stream(b"s")] == [b"one", b"two"]
+
+
+def test_a_failed_ticket_takes_back_the_appends_of_the_tickets_after_it(tmp_path):
+    with Engine.open(tmp_path / "d", fsync="always") as engine:
+        engine.append(b"s", [(b"e", b"kept")])
+        engine.sync()
+        mark = engine.loss_mark
+        engine.append(b"s", [(b"e", b"lost 1")], flush=False)
+        first = engine.begin_sync()
+        engine.append(b"s", [(b"e", b"lost 2")], flush=False)
+        second = engine.begin_sync()
+        size = os.path.getsize(segment_files(tmp_path / "d")[-1])
+        with pytest.raises(StorageError):
+            engine.end_sync(first, OSError(errno.EIO, "I/O error"))
+        assert isinstance(engine.lost_since(mark, second.position), StorageError)
+        # The later ticket's success comes too late: it changes nothing.
+        assert engine.end_sync(second, None) == 1
+        assert engine.visible_position == 1 and engine.last_event_number(b"s") == 0
+        assert os.path.getsize(segment_files(tmp_path / "d")[-1]) < size  # cut back
+        engine.append(b"s", [(b"e", b"after")])
+        engine.sync()
+    with Engine.open(tmp_path / "d", fsync="always") as engine:
+        assert [(s, n, d) for s, n, _name, d, _p in read_everything(engine)] == \
+            [(b"s", 0, b"kept"), (b"s", 1, b"after")]

@@ -22,6 +22,7 @@ import gevent
 import pytest
 
 from meilies.engine import Engine, StorageError
+from meilies.server import commit as commit_module
 from meilies.server.commit import GroupCommit
 
 TIMEOUT = 60
@@ -89,6 +90,28 @@ def writer(engine: Engine, commit: GroupCommit, stream: bytes, data: bytes, resu
         results[stream] = exc
 
 
+def end_of_turn() -> None:
+    """Let the greenlets that are ready run, then what the loop does at the end of the
+    turn (the group commit asks for its sync there). Two passes over the callbacks: the
+    first runs the writers, which schedule the start of their sync after ours."""
+    gevent.sleep(0)
+    gevent.sleep(0)
+
+
+EIO = OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def sync_until_done(syncer: HeldSyncer, greenlets) -> None:
+    """Let every sync the writers ask for run (succeed) until they are all answered.
+    (Polls with short sleeps: the loop must turn for the syncer's answers to arrive.)"""
+    deadline = time.monotonic() + TIMEOUT
+    while not all(g.ready() for g in greenlets):
+        assert time.monotonic() < deadline, "writers still waiting"
+        if syncer.requests:
+            syncer.release()
+        gevent.sleep(0.001)
+
+
 def run_writers(engine, commit, count, results, data=b"x"):
     writers = [gevent.spawn(writer, engine, commit, b"s%d" % i, data, results)
                for i in range(count)]
@@ -105,25 +128,93 @@ def test_writers_are_stored_through_the_helper_process(big_engine):
     commit.close()
 
 
+def test_writers_of_one_loop_turn_share_one_sync(big_engine):
+    syncer = HeldSyncer()
+    commit = GroupCommit(big_engine, syncer)
+    results = {}
+    writers = [gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results)
+               for i in range(5)]
+    end_of_turn()
+    assert len(syncer.requests) == 1 and results == {}
+    syncer.release()
+    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
+    assert results == {b"s%d" % i: "stored" for i in range(5)}
+    assert big_engine.durable_position == big_engine.visible_position == 5
+    assert not syncer.requests
+    commit.close()
+
+
 def test_writers_that_arrive_while_a_sync_runs_share_the_next_one(big_engine):
     syncer = HeldSyncer()
     commit = GroupCommit(big_engine, syncer)
     results = {}
     writers = [gevent.spawn(writer, big_engine, commit, b"s0", b"x", results)]
-    gevent.sleep(0)  # s0 appends and waits: its sync starts and is held
+    end_of_turn()  # s0 appends and waits: its sync starts and is held
     assert len(syncer.requests) == 1
     writers += [gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results)
                 for i in range(1, 5)]
-    gevent.sleep(0)  # they append and queue behind the held sync
+    end_of_turn()  # they append and wait: one sync for the four is asked at once,
+    # behind the held one, so that it can start the moment that one returns
+    assert len(syncer.requests) == 2
     assert results == {} and big_engine.visible_position == 0
     syncer.release()
     gevent.wait([writers[0]], timeout=TIMEOUT)
     assert results == {b"s0": "stored"} and big_engine.visible_position == 1
-    assert len(syncer.requests) == 1  # the next sync started: it covers the other four
     syncer.release()
     gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
     assert results == {b"s%d" % i: "stored" for i in range(5)}
     assert big_engine.durable_position == big_engine.visible_position == 5
+    assert not syncer.requests
+    commit.close()
+
+
+def test_syncs_in_flight_are_bounded_and_the_writers_beyond_wait_for_an_answer(
+        big_engine, monkeypatch):
+    monkeypatch.setattr(commit_module, "MAX_IN_FLIGHT", 2)
+    syncer = HeldSyncer()
+    commit = GroupCommit(big_engine, syncer)
+    results = {}
+    writers = []
+    for i in range(4):  # one writer per loop turn: each would want a sync of its own
+        writers.append(gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results))
+        end_of_turn()
+    assert len(syncer.requests) == 2  # s2 and s3 wait for an answer
+    syncer.release()
+    gevent.wait([writers[0]], timeout=TIMEOUT)
+    end_of_turn()
+    assert len(syncer.requests) == 2  # the answer made room: one sync for s2 and s3
+    sync_until_done(syncer, writers)
+    assert results == {b"s%d" % i: "stored" for i in range(4)}
+    assert big_engine.durable_position == 4 and not syncer.requests
+    commit.close()
+
+
+def test_answers_to_syncs_whose_appends_an_earlier_failure_took_back_change_nothing(
+        big_engine, fdatasync):
+    """Two syncs in flight; the first fails and takes back every append not durable,
+    the second's too. The second's answer (success) then concerns nothing left."""
+    syncer = HeldSyncer()
+    commit = GroupCommit(big_engine, syncer)
+    results = {}
+    first = gevent.spawn(writer, big_engine, commit, b"first", b"x", results)
+    end_of_turn()
+    second = gevent.spawn(writer, big_engine, commit, b"second", b"y", results)
+    end_of_turn()
+    assert len(syncer.requests) == 2
+    syncer.release(EIO)
+    gevent.joinall([first, second], timeout=TIMEOUT, raise_error=True)
+    assert isinstance(results[b"first"], StorageError)
+    assert isinstance(results[b"second"], StorageError)
+    third = gevent.spawn(writer, big_engine, commit, b"third", b"z", results)
+    end_of_turn()
+    syncer.release()  # the second sync succeeds: its appends are gone all the same
+    end_of_turn()
+    assert big_engine.durable_position == big_engine.visible_position == 0
+    assert big_engine.last_event_number(b"second") is None
+    sync_until_done(syncer, [third])
+    assert results[b"third"] == "stored"
+    assert big_engine.durable_position == big_engine.visible_position == 1
+    assert big_engine.stream_names() == [b"third"]
     commit.close()
 
 
@@ -133,7 +224,7 @@ def test_a_waiting_writer_learns_that_another_writers_failed_roll_took_its_appen
     commit = GroupCommit(engine, syncer)
     results = {}
     first = gevent.spawn(writer, engine, commit, b"first", b"x", results)
-    gevent.sleep(0)  # `first` appends and waits; its sync is held
+    end_of_turn()  # `first` appends and waits; its sync is held
     assert len(syncer.requests) == 1 and engine.durable_position == 0
     fdatasync.failing = True
     with pytest.raises(StorageError):  # a batch that needs a roll, whose sync fails
@@ -145,7 +236,7 @@ def test_a_waiting_writer_learns_that_another_writers_failed_roll_took_its_appen
     assert engine.durable_position == 0 and engine.last_event_number(b"first") is None
     # The log goes on: the next writer is stored.
     third = gevent.spawn(writer, engine, commit, b"third", b"z", results)
-    gevent.sleep(0)
+    end_of_turn()
     syncer.release()
     third.join(timeout=TIMEOUT)
     assert results[b"third"] == "stored" and engine.last_event_number(b"third") == 0
@@ -156,18 +247,21 @@ def test_a_failed_sync_fails_every_writer_it_covered(big_engine, fdatasync):
     syncer = HeldSyncer()
     commit = GroupCommit(big_engine, syncer)
     results = {}
-    writers = [gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results)
-               for i in range(3)]
-    gevent.sleep(0)
+    writers = [gevent.spawn(writer, big_engine, commit, b"s0", b"x", results)]
+    end_of_turn()
+    writers += [gevent.spawn(writer, big_engine, commit, b"s%d" % i, b"x", results)
+                for i in (1, 2)]
+    end_of_turn()  # s1 and s2 were appended after s0's sync began: a second sync
     fdatasync.failing = True
-    syncer.release()  # covers s0; s1 and s2 were appended after it began
-    gevent.wait([writers[0]], timeout=TIMEOUT)
-    fdatasync.failing = False
+    syncer.release()  # covers s0
     gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
+    fdatasync.failing = False
     # Under "always" a failed sync takes back every append not durable: all three.
     assert all(isinstance(results[b"s%d" % i], StorageError) for i in range(3))
     assert big_engine.durable_position == 0 and big_engine.stream_names() == []
-    assert not syncer.requests  # nothing left to sync
+    syncer.release()  # the second sync's answer: nothing left for it to change
+    end_of_turn()
+    assert big_engine.durable_position == 0 and big_engine.stream_names() == []
     commit.close()
 
 
@@ -179,7 +273,7 @@ def test_writers_are_still_stored_when_the_helper_process_dies(big_engine):
     run_writers(big_engine, commit, 3, results)
     os.kill(helper.pid, signal.SIGSTOP)  # it will not answer the next request ...
     first = gevent.spawn(writer, big_engine, commit, b"late", b"x", results)
-    gevent.sleep(0)  # ... which is sent now
+    end_of_turn()  # ... which is sent now
     os.kill(helper.pid, signal.SIGKILL)  # ... and dies with it unanswered
     helper.wait(timeout=TIMEOUT)
     first.join(timeout=TIMEOUT)
@@ -253,6 +347,36 @@ def test_the_helper_keeps_the_file_it_was_given_and_answers_in_order(tmp_path):
     theirs.close()
 
 
+def test_the_helper_covers_every_request_waiting_with_one_fdatasync(tmp_path, monkeypatch):
+    """Requests sent while a sync runs wait in the socket; the next fdatasync, once
+    started, covers what was written before each of them: one for all."""
+    from meilies.server import syncer
+
+    synced = []
+    real_fdatasync = os.fdatasync
+
+    def counted(fd):
+        synced.append(fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counted)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with open(tmp_path / "a", "wb") as handle:
+        ours.sendmsg([syncer.FILE], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      array.array("i", [handle.fileno()]))])
+    for _ in range(4):
+        ours.send(syncer.REQUEST)
+    ours.shutdown(socket.SHUT_WR)
+    syncer.serve(theirs)
+    answers = b""
+    while len(answers) < 5 * syncer.RESULT.size:
+        answers += ours.recv(64)
+    assert [code for (code,) in syncer.RESULT.iter_unpack(answers)] == [0] * 5
+    assert len(synced) == 1
+    ours.close()
+    theirs.close()
+
+
 def test_the_server_sends_a_segment_to_the_helper_once(big_engine, monkeypatch):
     commit = GroupCommit(big_engine)
     commit.start()
@@ -284,20 +408,6 @@ def test_the_server_sends_a_segment_to_the_helper_once(big_engine, monkeypatch):
     commit.close()
 
 
-EIO = OSError(errno.EIO, os.strerror(errno.EIO))
-
-
-def sync_until_done(syncer: HeldSyncer, greenlets) -> None:
-    """Let every sync the writers ask for run (succeed) until they are all answered.
-    (Polls with short sleeps: the loop must turn for the syncer's answers to arrive.)"""
-    deadline = time.monotonic() + TIMEOUT
-    while not all(g.ready() for g in greenlets):
-        assert time.monotonic() < deadline, "writers still waiting"
-        if syncer.requests:
-            syncer.release()
-        gevent.sleep(0.001)
-
-
 def read_all(directory, segment_size) -> list[tuple[bytes, int, bytes]]:
     with Engine.open(directory, fsync="always", segment_size=segment_size) as engine:
         return [(e.stream, e.number, bytes(e.data)) for e in engine.read_all()]
@@ -316,13 +426,13 @@ def test_a_sync_that_fails_after_its_appends_were_taken_back_touches_nothing_els
     commit = GroupCommit(engine, syncer)
     results = {}
     w1 = gevent.spawn(writer, engine, commit, b"w1", b"x", results)
-    gevent.sleep(0)  # T1 for w1, held
+    end_of_turn()  # T1 for w1, held
     fdatasync.failing = True
     with pytest.raises(StorageError):  # the roll's sync fails: w1 is taken back
         engine.append(b"w2", [(b"e", b"y" * 300)])
     fdatasync.failing = False
     w3 = gevent.spawn(writer, engine, commit, b"w3", b"z" * 250, results)  # rolls, fine
-    gevent.sleep(0)
+    end_of_turn()
     assert len(engine.segments) == 2
     syncer.release(EIO)  # T1 answers: failed
     sync_until_done(syncer, [w1, w3])
@@ -342,7 +452,7 @@ def test_a_failed_helper_sync_that_a_roll_covered_is_logged_not_lost(tmp_path, c
     commit = GroupCommit(engine, syncer)
     results = {}
     w1 = gevent.spawn(writer, engine, commit, b"w1", b"x", results)
-    gevent.sleep(0)
+    end_of_turn()
     engine.append(b"big", [(b"e", b"y" * 300)])  # rolls: its own sync covers w1
     syncer.release(EIO)
     w1.join(timeout=TIMEOUT)
