@@ -27,12 +27,15 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from array import array
 from itertools import accumulate, groupby
 from operator import ne
 from pathlib import Path
 
 ENTRY = struct.Struct("<IIIIQ")
+# Entries are built and read with native-order arrays and memoryview casts.
+assert sys.byteorder == "little", "index entries are little-endian u32 words"
 ENTRY_SIZE = ENTRY.size  # 24
 WORDS_PER_ENTRY = ENTRY_SIZE // 4  # 6 u32 words: offset, length, stream id, delta, number lo/hi
 FRAME_OFFSET_WORD = 0
@@ -152,8 +155,7 @@ class ActiveIndex:
         if count == 1:
             self.add(offsets[0], lengths[0], stream_id, delta, number)
             return
-        self.entries += entries_of(offsets, lengths, [stream_id] * count,
-                                   range(delta, delta + count), number)
+        self.entries += entries_of(offsets, lengths, stream_id, delta, number)
         pairs = array("Q", bytes(16 * count))
         pairs[0::2] = array("Q", offsets)
         pairs[1::2] = array("Q", lengths)
@@ -213,22 +215,26 @@ class ActiveIndex:
         self.flushed = self.count
 
 
-def entries_of(offsets, lengths, stream_ids, deltas, first_number: int) -> bytearray:
-    """Index entries for events with consecutive numbers from ``first_number``; the other
-    columns are sequences of ints of one length. Columns are copied into the entries'
-    words with strided slices (no Python work per entry)."""
+def entries_of(offsets: list[int], lengths: list[int], stream_id: int, first_delta: int,
+               first_number: int) -> array:
+    """Index entries (u32 words, ENTRY's layout) for one record: events of ``stream_id``
+    with consecutive deltas from ``first_delta`` and numbers from ``first_number``, at
+    these frame offsets and lengths. Each column is copied into the entries' words with
+    one strided slice (no Python work per entry)."""
     count = len(offsets)
-    out = bytearray(ENTRY_SIZE * count)
-    numbers = array("Q", range(first_number, first_number + count))
-    with memoryview(out) as raw, raw.cast("I") as words, memoryview(numbers) as wide, \
-            wide.cast("B") as wide_bytes, wide_bytes.cast("I") as halves:
-        words[FRAME_OFFSET_WORD::WORDS_PER_ENTRY] = array("I", offsets)
-        words[FRAME_LENGTH_WORD::WORDS_PER_ENTRY] = array("I", lengths)
-        words[STREAM_ID_WORD::WORDS_PER_ENTRY] = array("I", stream_ids)
-        words[DELTA_WORD::WORDS_PER_ENTRY] = array("I", deltas)
+    words = array("I", bytes(ENTRY_SIZE * count))
+    words[FRAME_OFFSET_WORD::WORDS_PER_ENTRY] = array("I", offsets)
+    words[FRAME_LENGTH_WORD::WORDS_PER_ENTRY] = array("I", lengths)
+    words[STREAM_ID_WORD::WORDS_PER_ENTRY] = array("I", (stream_id,)) * count
+    words[DELTA_WORD::WORDS_PER_ENTRY] = array("I", range(first_delta, first_delta + count))
+    last = first_number + count - 1
+    if last <= 0xFFFF_FFFF:  # high words stay zero
+        words[NUMBER_WORD::WORDS_PER_ENTRY] = array("I", range(first_number, last + 1))
+    else:
+        halves = array("I", array("Q", range(first_number, last + 1)).tobytes())
         words[NUMBER_WORD::WORDS_PER_ENTRY] = halves[0::2]  # low word (little-endian)
         words[NUMBER_WORD + 1::WORDS_PER_ENTRY] = halves[1::2]  # high word
-    return out
+    return words
 
 
 def sorted_stream_index(position_entries: bytes | bytearray) -> bytes:

@@ -195,6 +195,8 @@ class GroupCommit:
                 log.error("the fdatasync helper answered a sync never asked; ignored")
                 continue
             self._finish(error)
+            if not self._inflight:
+                return  # every sync asked is answered: no read that could only block
 
     def _finish(self, error: OSError | None, ticket: SyncTicket | None = None) -> None:
         """Finish the oldest sync in flight (``ticket``, if given, must still be it),

@@ -347,17 +347,22 @@ _DATA = itemgetter(3)
 
 def _publishes_to_one_stream(requests: list[list[bytes]]) -> bool:
     """Whether every request is a ``publish`` with its three arguments, all to one
-    stream: checked with C-level passes, not a Python step per request."""
+    stream: checked with C-level passes, not a Python step per request (and no tuple
+    per request: sets of the streams and of the names hash cached bytes)."""
     try:
-        heads = set(map(_HEAD, requests))  # (command, stream) pairs
+        streams = set(map(_STREAM, requests))
     except IndexError:  # a request without arguments
         return False
-    if len(heads) != 1 or not _is_publish(next(iter(heads))[0]):
+    if len(streams) != 1:
+        return False
+    names = set(map(_NAME, requests))
+    if len(names) != 1 or not _is_publish(names.pop()):
         return False
     return set(map(len, requests)) == {4}
 
 
-_HEAD = itemgetter(0, 1)
+_NAME = itemgetter(0)
+_STREAM = itemgetter(1)
 
 
 def _send_views(sock, views: list[memoryview]) -> None:

@@ -86,7 +86,7 @@ class SyncProcess:
         ours.setblocking(False)
         self.sock = ours
         self._file: object = None  # the file whose descriptor the helper has
-        self._answer = b""  # part of an answer read so far
+        self._answer = b""  # answers read and not yet taken, or part of one
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -122,18 +122,19 @@ class SyncProcess:
         self._file = file
 
     def result(self) -> OSError | None:
-        try:
-            data = self.sock.recv(RESULT.size - len(self._answer))
-        except ConnectionError:
-            return GONE
-        if not data:
-            return GONE
-        answer = self._answer + data
-        if len(answer) < RESULT.size:  # the rest of the answer is on its way
-            self._answer = answer
-            raise BlockingIOError(errno.EAGAIN, "partial answer")
-        self._answer = b""
-        code = RESULT.unpack(answer)[0]
+        """Reads every answer there is at once; the next calls take them from memory."""
+        if len(self._answer) < RESULT.size:
+            try:
+                data = self.sock.recv(4096)
+            except ConnectionError:
+                return GONE
+            if not data:
+                return GONE
+            self._answer += data
+            if len(self._answer) < RESULT.size:  # the rest of the answer is on its way
+                raise BlockingIOError(errno.EAGAIN, "partial answer")
+        code = RESULT.unpack_from(self._answer)[0]
+        self._answer = self._answer[RESULT.size:]
         return None if code == 0 else OSError(code, os.strerror(code))
 
     def close(self) -> None:
