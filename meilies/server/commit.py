@@ -28,7 +28,9 @@ in recvmsg per sync at depth 1). Asking at the end of the turn, with up to
 MAX_IN_FLIGHT requests outstanding and the helper taking all that wait: at depth 64,
 184,000 events/s against 150,000 for one at a time (Redis 171,000), medians of four
 alternating 3-second runs on a busy host; at depth 1 no difference (9,200 and 9,300).
-See syncer.py for why not a thread.
+With cheaper indexing on top, ``bench_server.py --runs 5`` on a quieter host: 276,100
+against Redis' 269,200 at depth 64, 13,600 against 20,200 at depth 1. See syncer.py
+for why not a thread.
 
 Under ``--fsync everysec`` the same syncer makes the log durable once a second, so
 that a second's worth of writes never blocks the loop while the disk takes it.
