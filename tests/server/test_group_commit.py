@@ -112,6 +112,15 @@ def sync_until_done(syncer: HeldSyncer, greenlets) -> None:
         gevent.sleep(0.001)
 
 
+def all_stored(engine: Engine, syncer: HeldSyncer, writers, results: dict) -> None:
+    """Every writer (one event each, streams s0, s1, ...) is answered "stored", each
+    event is durable and visible, and no sync is left asked."""
+    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
+    assert results == {b"s%d" % i: "stored" for i in range(len(writers))}
+    assert engine.durable_position == engine.visible_position == len(writers)
+    assert not syncer.requests
+
+
 def run_writers(engine, commit, count, results, data=b"x"):
     writers = [gevent.spawn(writer, engine, commit, b"s%d" % i, data, results)
                for i in range(count)]
@@ -137,10 +146,7 @@ def test_writers_of_one_loop_turn_share_one_sync(big_engine):
     end_of_turn()
     assert len(syncer.requests) == 1 and results == {}
     syncer.release()
-    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
-    assert results == {b"s%d" % i: "stored" for i in range(5)}
-    assert big_engine.durable_position == big_engine.visible_position == 5
-    assert not syncer.requests
+    all_stored(big_engine, syncer, writers, results)
     commit.close()
 
 
@@ -161,10 +167,7 @@ def test_writers_that_arrive_while_a_sync_runs_share_the_next_one(big_engine):
     gevent.wait([writers[0]], timeout=TIMEOUT)
     assert results == {b"s0": "stored"} and big_engine.visible_position == 1
     syncer.release()
-    gevent.joinall(writers, timeout=TIMEOUT, raise_error=True)
-    assert results == {b"s%d" % i: "stored" for i in range(5)}
-    assert big_engine.durable_position == big_engine.visible_position == 5
-    assert not syncer.requests
+    all_stored(big_engine, syncer, writers, results)
     commit.close()
 
 
