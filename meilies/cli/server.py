@@ -69,6 +69,7 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
              "" if report.used_checkpoint else " (state rebuilt from the log)")
     try:
         server = Server(engine, config)
+        server.stop_on_signals()
         server.start()
     except OSError as exc:
         engine.close()

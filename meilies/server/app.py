@@ -96,19 +96,32 @@ class Server:
     def connection_count(self) -> int:
         return len(self.connections)
 
+    def stop_on_signals(self) -> None:
+        """Have SIGTERM and SIGINT stop the server cleanly (see
+        :meth:`serve_until_signalled`); call it before :meth:`start`, so that a
+        supervisor that finds the port open may already count on it."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self._on_signal, signum)
+
     def start(self) -> None:
-        """Bind and listen (raises OSError, e.g. EADDRINUSE), then serve in the background."""
+        """Start the fdatasync helper, then bind and listen (raises OSError, e.g.
+        EADDRINUSE) and serve in the background.
+
+        Listening comes last: a client that finds the port open finds the server whole.
+        """
         self.maxclients = clients_allowed_by_open_file_limit(self.config.maxclients)
-        self._stream_server.start()
         if self.config.fsync == "always":
             self.commit.start()
         elif self.config.fsync == "everysec":
             self.commit.sync_periodically(1.0)
+        try:
+            self._stream_server.start()
+        except OSError:
+            self.commit.close()
+            raise
 
     def serve_until_signalled(self) -> bool:
         """Serve until SIGTERM or SIGINT, then stop cleanly; see :meth:`stop`."""
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            gevent.signal_handler(signum, self._on_signal, signum)
         self._stopped.wait()
         return self.stop()
 

@@ -6,6 +6,8 @@ import signal
 import socket
 import threading
 
+import pytest
+
 from serverproc import DEADLINE, ServerProcess, command, event_frame, subscribed, wait_for
 
 
@@ -76,6 +78,25 @@ def test_sigint_stops_cleanly_too(start_server, tmp_path):
     assert server.wait_exit(DEADLINE) == 0
     restarted = start_server(data_dir=tmp_path / "data")
     assert read_frames(restarted.client(), "s", 10) == frames(b"s", datas)
+
+
+def caught_signals(pid: int) -> set[int]:
+    """The signals the process has handlers for (``SigCgt`` in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+    return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
+
+
+@pytest.mark.parametrize("policy", ["always", "no"])
+def test_a_server_that_accepts_connections_already_stops_cleanly_on_sigterm(start_server,
+                                                                           tmp_path, policy):
+    # A supervisor may stop the server the moment its port opens: the handlers and the
+    # fdatasync helper come before listening, not after.
+    for attempt in range(3):
+        server = start_server("--fsync", policy, data_dir=tmp_path / f"{policy}{attempt}")
+        assert signal.SIGTERM in caught_signals(server.proc.pid), server.log()
+        assert len(helper_pids(server)) == (policy == "always")
+        assert server.stop() == 0, server.log()
 
 
 def test_sigterm_while_publishers_pipeline_keeps_every_acknowledged_event(start_server, tmp_path):
