@@ -260,8 +260,9 @@ class Connection:
         if self._out:
             data = b"".join(self._out)
             self._out.clear()
-            with self._send_lock:
-                _send_all(self.sock, data)
+            if data:  # a subscribe's reply is its confirmations, sent already
+                with self._send_lock:
+                    _send_all(self.sock, data)
 
     # -- subscriptions ----------------------------------------------------------------------
 
