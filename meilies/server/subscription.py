@@ -100,8 +100,11 @@ def _serve_stream(spec, engine, wakeup, send, number) -> None:
         views, number = engine.stream_spans(stream, number, stop, max_bytes=SEND_BYTES)
         if views:
             send(views)
-        else:
-            wakeup.wait()
+            if (stop is not None and number >= stop) or number < engine.next_number(stream):
+                continue  # the range is done, or more is visible (or left for next read)
+        # Caught up when the read began (or just now): whatever becomes visible after
+        # the clear above sets the wake-up, so waiting loses nothing.
+        wakeup.wait()
 
 
 def _serve_all(spec, engine, wakeup, send, position) -> None:
@@ -116,3 +119,5 @@ def _serve_all(spec, engine, wakeup, send, position) -> None:
         position = after
         if views:
             send(views)
+        if position >= engine.visible_position:
+            wakeup.wait()  # caught up: as in _serve_stream, nothing visible is missed
