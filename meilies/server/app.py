@@ -121,7 +121,8 @@ class Server:
             raise
 
     def serve_until_signalled(self) -> bool:
-        """Serve until SIGTERM or SIGINT, then stop cleanly; see :meth:`stop`."""
+        """Serve until SIGTERM or SIGINT (handled once :meth:`stop_on_signals` is
+        called), then stop cleanly; see :meth:`stop`."""
         self._stopped.wait()
         return self.stop()
 
