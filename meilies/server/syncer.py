@@ -13,8 +13,9 @@ loop, alternating, within one hour): the fdatasync on the event loop (Redis' way
 served 12,000-15,500 events/s; a thread 10,000-13,000, with the server's CPU up from
 65% to 90% (two GIL hand-offs per sync, each a futex round trip between the cores,
 cost more than the overlap gains); the helper process 16,900-17,900. For a server
-that does nothing but write and sync (tools/bench_floor.py, 15:02) the order is the
-other way round, the loop 16,600 against the helper 14,100: the helper pays off
+that does nothing but write and sync (tools/bench_floor.py) the order is the other
+way round, the loop 16,600 and 18,800 against the helper 14,100 and 16,200 in two
+runs: the helper pays off
 because MeiliES' own Python work per request overlaps the sync of the other clients'
 (alternating runs at 14:59: helper 11,900, loop 10,400), and at depth 64 even the
 do-nothing server is faster with it (2.86x Redis against 2.10x).
