@@ -115,8 +115,8 @@ def quit_(conn: Connection, args: list[bytes]) -> bytes:
 
 def auth(conn: Connection, args: list[bytes]) -> bytes:
     password = conn.server.config.requirepass
-    if password is None:
-        raise CommandError("ERR AUTH called without any password configured")
+    if password is None:  # nothing can match (PROTOCOL.md: "otherwise -WRONGPASS")
+        return WRONGPASS
     # A refused AUTH leaves the connection as it was (as Redis does): once a good
     # AUTH has been seen, a later bad one does not lock the connection again.
     if len(args) == 3 and args[1] != b"default":

@@ -179,7 +179,9 @@ class Connection:
         command = commands.lookup(request[0])
         out = self._out
         if command is None:
-            out.append(unknown_command(request[0]).reply)
+            # Before AUTH, an unknown name is refused like any command (PROTOCOL.md:
+            # "every command but AUTH and QUIT"): no telling which ones exist.
+            out.append(unknown_command(request[0]).reply if self.authenticated else NOAUTH)
             return
         if not self.authenticated and not command.before_auth:
             out.append(NOAUTH)

@@ -167,6 +167,23 @@ def test_requirepass_refuses_every_command_but_auth_and_quit_before_auth(start_s
     assert client.closed_by_peer()
 
 
+def test_an_unknown_command_before_auth_is_noauth_and_after_it_unknown(start_server):
+    server = start_server("--requirepass", "s3cret")
+    client = server.client()
+    assert client.call("flushall") == b"-NOAUTH Authentication required.\r\n"
+    client.send(b"nosuch inline\r\n")
+    assert client.read_reply() == b"-NOAUTH Authentication required.\r\n"
+    assert client.call("auth", "s3cret") == b"+OK\r\n"
+    assert client.call("flushall") == b"-ERR unknown command 'flushall'\r\n"
+
+
+def test_auth_on_a_server_without_requirepass_is_wrongpass(server):
+    client = server.client()
+    assert client.call("auth", "anything") == b"-WRONGPASS invalid password\r\n"
+    assert client.call("auth", "default", "anything") == b"-WRONGPASS invalid password\r\n"
+    assert client.call("ping") == b"+PONG\r\n"
+
+
 def test_auth_with_a_wrong_password_is_wrongpass_and_stays_unauthenticated(start_server):
     server = start_server("--requirepass", "s3cret")
     client = server.client()
