@@ -45,7 +45,7 @@ from .files import (DirectoryLock, checkpoint_path, fsync_directory, list_segmen
 from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, WORDS_PER_ENTRY,
                     ActiveIndex, SealedIndex, sorted_stream_index, write_file)
 from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name,
-                    plain_event_name)
+                    plain_event_name, quoted)
 from .recovery import BadRecord, RecoveryReport, ScannedRecord, iter_records, valid_record_after
 from .segment import Segment
 from .spans import plan_spans, runs
@@ -1151,10 +1151,12 @@ class Engine:
                 raise CorruptRecord(*where, f"stream id {sid} skips ids")
             if streams.names[sid] != record.stream:
                 raise CorruptRecord(*where, f"stream id {sid} is named"
-                                    f" {streams.names[sid]!r}, the record says {record.stream!r}")
+                                    f" {quoted(streams.names[sid])}, the record says"
+                                    f" {quoted(record.stream)}")
             if header.first_number != streams.next_number[sid]:
                 raise CorruptRecord(*where, f"event number {header.first_number} of stream"
-                                    f" {record.stream!r}, expected {streams.next_number[sid]}")
+                                    f" {quoted(record.stream)}, expected"
+                                    f" {streams.next_number[sid]}")
             streams.next_number[sid] = header.first_number + header.count
         elif sid >= len(streams) or streams.names[sid] != record.stream:
             raise CorruptRecord(*where, "stream id does not match the checkpoint")

@@ -49,6 +49,12 @@ def _check_name(value: bytes, argument: str, ascii_bad: re.Pattern, whitespace: 
         raise InvalidArgument(argument, f"must not contain {what}")
 
 
+def quoted(name: bytes) -> str:
+    """A stream or event name as messages show it: ``'orders-17'``. A damaged log's
+    names can hold any bytes: those that are not printable UTF-8 come out escaped."""
+    return repr(name.decode("utf-8", "backslashreplace"))
+
+
 def check_stream_name(value: bytes) -> None:
     """Raise :class:`InvalidArgument` unless ``value`` may name a stream one publishes to."""
     _check_name(value, "stream", _ASCII_BAD_STREAM, whitespace=True)

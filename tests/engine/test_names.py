@@ -130,3 +130,16 @@ def test_unusual_but_valid_event_names_are_stored(engine, name):
     engine.append(b"s", [(name, b"1")])
     [event] = engine.read_stream(b"s")
     assert event.name == name
+
+
+@pytest.mark.parametrize("name, shown", [
+    (b"orders-17", "'orders-17'"),
+    ("été".encode(), "'été'"),
+    (b"it's", "\"it's\""),
+    (b"a\xffb", "'a\\\\xffb'"),  # not UTF-8: escaped, never a bytes literal
+    (b"a\x00b", "'a\\x00b'"),
+])
+def test_messages_show_names_quoted_as_text_with_unprintable_bytes_escaped(name, shown):
+    from meilies.engine.names import quoted
+
+    assert quoted(name) == shown

@@ -215,7 +215,7 @@ def test_checksummed_record_that_breaks_numbering_is_damage(data_dir):
     assert code == 1
     problem = report["problems"][0]
     assert problem["kind"] == "damaged-record" and problem["offset"] == size
-    assert "event number 7 of stream b'orders-5', expected 100" in problem["reason"]
+    assert "event number 7 of stream 'orders-5', expected 100" in problem["reason"]
     code, report = json_report(data_dir, "--repair")
     assert code == 0 and report["repaired"] and report["after"]["clean"]
     assert read_all(data_dir) == events

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import format as fmt
 from ..errors import InvalidArgument, UnsupportedFormatVersion
 from ..index import ENTRY, ENTRY_SIZE, close_map
-from ..names import check_stream_name
+from ..names import check_stream_name, quoted
 from ..recovery import BadRecord, check_record
 from .report import IndexProblem
 
@@ -154,18 +154,18 @@ def _scan_chunk(buf: mmap.mmap, out: _Chunk) -> tuple[array, array, array]:
         expected = next_number.get(sid)
         if expected is None:
             if record.stream in ids:
-                out.bad = (offset, f"stream {record.stream!r} has two ids, {ids[record.stream]}"
+                out.bad = (offset, f"stream {quoted(record.stream)} has two ids, {ids[record.stream]}"
                            f" and {sid}")
                 break
             ids[record.stream] = sid
             names[sid] = record.stream
             appear.append((offset, sid, record.stream, first, pos))
         elif names[sid] != record.stream:
-            out.bad = (offset, f"stream id {sid} is named {names[sid]!r},"
-                       f" the record says {record.stream!r}")
+            out.bad = (offset, f"stream id {sid} is named {quoted(names[sid])},"
+                       f" the record says {quoted(record.stream)}")
             break
         elif first != expected:
-            out.bad = (offset, f"event number {first} of stream {record.stream!r},"
+            out.bad = (offset, f"event number {first} of stream {quoted(record.stream)},"
                        f" expected {expected}")
             break
         next_number[sid] = first + count
@@ -307,7 +307,7 @@ def _stream_name_reason(name: bytes) -> str | None:
     try:
         check_stream_name(name)
     except InvalidArgument as exc:
-        return f"stream name {name!r} {exc.reason}"
+        return f"stream name {quoted(name)} {exc.reason}"
     return None
 
 

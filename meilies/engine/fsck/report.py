@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from ..names import quoted
+
 #: ``progress(done_bytes, total_bytes)``: called as segment bytes are verified.
 Progress = Callable[[int, int], None]
 
@@ -128,7 +130,7 @@ class EventRange:
     def describe(self) -> str:
         what = f"event {self.first}" if self.first == self.last else \
             f"events {self.first}..{self.last}"
-        return f"{what} of stream '{self.stream.decode('utf-8', 'replace')}'"
+        return f"{what} of stream {quoted(self.stream)}"
 
     def to_dict(self) -> dict:
         return {"stream": self.stream.decode("utf-8", "replace"), "first": self.first,

@@ -19,7 +19,7 @@ from .. import format as fmt
 from ..errors import CorruptIndex, InvalidArgument
 from ..files import checkpoint_path, position_index_path, segment_path, stream_index_path
 from ..index import ENTRY_SIZE, close_map
-from ..names import check_stream_name
+from ..names import check_stream_name, quoted
 from ..recovery import BadRecord, check_record, valid_record_after
 from .chunks import (
     _build_counting,
@@ -250,19 +250,19 @@ class _Verifier:
         for offset, sid, name, number, position in chunk.appear:
             if sid < len(names):
                 if names[sid] != name:
-                    return (offset, f"stream id {sid} is named {names[sid]!r},"
-                            f" the record says {name!r}")
+                    return (offset, f"stream id {sid} is named {quoted(names[sid])},"
+                            f" the record says {quoted(name)}")
                 if number != self.next_number[sid]:
-                    return (offset, f"event number {number} of stream {name!r},"
+                    return (offset, f"event number {number} of stream {quoted(name)},"
                             f" expected {self.next_number[sid]}")
             elif sid > len(names):
                 return (offset, f"stream id {sid} skips ids (the next new id is"
                         f" {len(names)})")
             elif name in ids:
-                return (offset, f"stream {name!r} created twice, with ids {ids[name]}"
+                return (offset, f"stream {quoted(name)} created twice, with ids {ids[name]}"
                         f" and {sid}")
             elif number != 0:
-                return (offset, f"stream {name!r} starts at event number {number}, not 0")
+                return (offset, f"stream {quoted(name)} starts at event number {number}, not 0")
             elif (reason := _stream_name_reason(name)) is not None:
                 return (offset, reason)
             else:
