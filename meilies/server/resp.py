@@ -397,6 +397,11 @@ def split_inline(line: bytes) -> list[bytes]:
 
     ``"..."`` takes escapes (``\\n``, ``\\xHH``, ...); ``'...'`` is literal but for
     ``\\'``. A closing quote must be followed by a space or the end of the line.
+
+    One departure, on purpose: a quote opens a quoted word only at the start of a
+    word; inside one it is a plain byte. Redis opens a quote anywhere, so that JSON
+    typed in telnet (``publish s e {"a":1}``) is refused there as "unbalanced quotes";
+    here it is stored as typed, which is what an event store's user means by it.
     """
     words: list[bytes] = []
     i, n = 0, len(line)

@@ -347,6 +347,16 @@ def test_inline_commands_take_quoted_arguments(server):
                   + event_frame(b"s", 1, b"single quoted", b"x y"))
 
 
+def test_inline_json_is_stored_as_typed(server):
+    # A quote inside a word is a plain byte (resp.split_inline says why).
+    client = server.client()
+    client.send(b'publish s created {"total":12,"tags":["a","b"]}\r\n')
+    client.expect(b"+OK\r\n")
+    client.send(command("subscribe", "s:0:1"))
+    client.expect(subscribed(b"s") + event_frame(b"s", 0, b"created",
+                                                   b'{"total":12,"tags":["a","b"]}'))
+
+
 def test_inline_and_resp_requests_mix_in_one_send(server):
     client = server.client()
     client.send(b"PING\r\n" + command("ping", "x") + b"PING y\r\n" + command("ping"))
