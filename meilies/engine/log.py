@@ -761,11 +761,8 @@ class Engine:
         hi = min(end, first_number + (j - i))
         if hi <= lo:
             return start, 0, 0, [], []
-        at = (i + lo - first_number) * WORDS_PER_ENTRY
-        with memoryview(stream_index.buffer) as raw, raw.cast("I") as words:
-            taken, starts, ends = plan_spans(words, at + FRAME_OFFSET_WORD,
-                                             at + FRAME_LENGTH_WORD, WORDS_PER_ENTRY, hi - lo,
-                                             budget, at_least_one)
+        taken, starts, ends = _plan_entries(stream_index.buffer, i + lo - first_number,
+                                            hi - lo, budget, at_least_one)
         return lo, hi - lo, taken, starts, ends
 
     def _segment_stream_frames(self, segment: Segment, sid: int, start: int, end: int
@@ -820,14 +817,9 @@ class Engine:
         segment, first, stop = found
         index = segment.index
         buf = index.buffer if isinstance(index, SealedIndex) else index.entries
-        at = first * WORDS_PER_ENTRY
-        # Released before returning: the active index grows, which a live view forbids.
-        with memoryview(buf) as raw, raw.cast("I") as words:
-            taken, starts, ends = plan_spans(words, at + FRAME_OFFSET_WORD,
-                                             at + FRAME_LENGTH_WORD, WORDS_PER_ENTRY,
-                                             stop - first,
-                                             MAX_BATCH_BYTES if max_bytes is None else max_bytes,
-                                             True)
+        taken, starts, ends = _plan_entries(
+            buf, first, stop - first, MAX_BATCH_BYTES if max_bytes is None else max_bytes,
+            True)
         view = memoryview(segment.buffer(ends[-1]))
         return [view[a:b] for a, b in zip(starts, ends)], segment.base_position + first + taken
 
@@ -1184,6 +1176,18 @@ def _read_prefix(path: Path, count: int) -> bytes | None:
     except FileNotFoundError:
         return None
     return raw if len(raw) == count * ENTRY_SIZE else None
+
+
+def _plan_entries(buf, first: int, count: int, budget: int, at_least_one: bool
+                  ) -> tuple[int, list[int], list[int]]:
+    """:func:`spans.plan_spans` over ``count`` index entries (ENTRY's layout) of
+    ``buf`` from entry ``first``: a position index's (the active one's entries too)
+    or a stream index's."""
+    at = first * WORDS_PER_ENTRY
+    # Released before returning: the active index grows, which a live view forbids.
+    with memoryview(buf) as raw, raw.cast("I") as words:
+        return plan_spans(words, at + FRAME_OFFSET_WORD, at + FRAME_LENGTH_WORD,
+                          WORDS_PER_ENTRY, count, budget, at_least_one)
 
 
 _PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"
