@@ -85,13 +85,16 @@ class Connection:
                     return
                 try:
                     requests = parser.feed(_RECV_VIEW[:n])
-                    error = None
+                    refusal = None
                 except resp.ProtocolError as exc:
-                    requests, error = exc.requests, exc
+                    # Keep the reason, not the exception: its traceback refers to this
+                    # frame, and the cycle would keep the connection (and what it holds)
+                    # alive until the garbage collector came by.
+                    requests, refusal = exc.requests, exc.reason
                 self.busy = True
                 self._run_batch(requests)
-                if error is not None and not self.closing:
-                    self._out.append(resp.error(f"ERR Protocol error: {error.reason}"))
+                if refusal is not None and not self.closing:
+                    self._out.append(resp.error(f"ERR Protocol error: {refusal}"))
                     self.closing = True
                 self.flush()
                 self.busy = False
@@ -254,6 +257,7 @@ class Connection:
                       " it: %s", failure)
             for at, count, _position, _mark in writes:
                 self._out[at:at + count] = [engine_error_reply(failure)] * count
+        failure = None  # no frame-traceback cycle left for the garbage collector
         writes.clear()
 
     def flush(self) -> None:

@@ -15,9 +15,23 @@ lookups, one per element, with an exact type check; a read that starts and ends 
 request boundary is not even copied (RequestParser). The scan of a request that
 spans many reads resumes where the previous read left it, so a large request costs
 time in proportion to its size, not to its size times the number of reads.
+
+hiredis allocates a list of the announced size the moment it reads an aggregate header
+(``*``, and RESP3's ``~``, ``>``, ``%``, ``|``), at any depth, before any of our checks
+can run: ``*2000000000\r\n`` (14 bytes) made it reserve 16 GB, whose release then held
+the event loop for seconds (issue 10). So hiredis never sees a header that could
+announce 1,000 elements or more: every read is searched for such a header (a regex
+with a literal first byte, about 0.5 ns a byte) and, where one may be (a false alarm
+inside event data is harmless), the requests up to the next clean boundary take the
+checked path, ``_feed_checked``: each request is walked and verified first, and hiredis
+is handed it only once it is whole. With counts under 1,000, what hiredis can hold
+for a request is bounded by its nesting limit (1,024 levels): 8 MB at worst, and only
+during the one ``feed`` that finds the request malformed and refuses it.
 """
 
 from __future__ import annotations
+
+import re
 
 import hiredis
 
@@ -46,6 +60,19 @@ _NOT_AN_ARRAY = "expected an array of bulk strings"
 #: nearly every request (about 400 KB); past them, ``_canonical_size``.
 _HEADER = [3 + len(str(count)) for count in range(1024)]
 _ELEMENT = [n + 5 + len(str(n)) for n in range(10_000)]
+
+#: An aggregate header that may announce 1,000 elements or more: what hiredis must not
+#: see before we have checked it (module doc). hiredis takes counts as plain decimal
+#: digits only (no sign but ``-1``, no spaces, no leading zeros), so four digits after
+#: the type byte are where a large count begins. ``*`` is searched for on its own, with a
+#: literal first byte (regex then skips with memchr); the rarer RESP3 aggregates only
+#: when their byte occurs at all.
+_LARGE_ARRAY = re.compile(rb"\*[0-9]{4}")
+_LARGE_RESP3 = tuple((bytes([mark]), re.compile(re.escape(bytes([mark])) + rb"[0-9]{4}"))
+                     for mark in b"~>%|")
+#: The bytes of a read kept to search a header split between two reads (one short of
+#: a match).
+_TAIL = 4
 
 #: Returned by ``hiredis.Reader.gets()`` when the buffer holds no complete request.
 #: (``False``, the default, could not be told apart from a parsed value.)
@@ -128,6 +155,11 @@ class RequestParser:
         #: offset ``[0]``: (start, element count, elements checked, offset of the next
         #: element, bulk bytes announced by the checked ones). None: nothing to resume.
         self._resume: tuple[int, int, int, int, int] | None = None
+        #: Not None: the checked path (module doc) holds these bytes, which start at a
+        #: request boundary and which hiredis has not seen; hiredis then holds nothing.
+        self._checked: bytearray | None = None
+        #: The last bytes handed to hiredis, to find a header split across two reads.
+        self._tail = b""
 
     def feed(self, data: bytes | memoryview) -> list[list[bytes]]:
         """Parse ``data``; return the complete requests. Raises :class:`ProtocolError`."""
@@ -135,14 +167,30 @@ class RequestParser:
         data = bytes(data)
         try:
             while data:
-                if self._inline or (self._clean and data[:1] != b"*"):
+                if self._checked is not None:
+                    data = self._feed_checked(data, requests)
+                elif self._inline or (self._clean and data[:1] != b"*"):
                     data = self._feed_inline(data, requests)
                 else:
                     data = self._feed_resp(data, requests)
         except ProtocolError as exc:
             exc.requests = requests
+            self._discard()
             raise
         return requests
+
+    def _discard(self) -> None:
+        """After a refusal: let go of everything held now, not when the parser goes.
+
+        The connection closes after a protocol error, but whatever still refers to the
+        parser (an exception's traceback, a frame) would keep hiredis' partial request
+        alive until the garbage collector finds it."""
+        self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+        self._forget_partial()
+        self._inline = bytearray()
+        self._checked = None
+        self._tail = b""
+        self._clean = True
 
     def _feed_resp(self, data: bytes, requests: list[list[bytes]]) -> bytes:
         """Parse RESP requests; return the bytes of an inline command that follows them.
@@ -153,8 +201,12 @@ class RequestParser:
         ``_forget_partial``), is copied to ``_partial`` by ``_hold`` too, and so not at
         all when it holds only canonically encoded requests, ending with the last.
         """
+        if _announces_large_aggregate(data) or (
+                not self._clean and _announces_large_aggregate(self._tail + data[:_TAIL])):
+            return self._check_from_here(data)
         reader = self._reader
         reader.feed(data)
+        self._tail = data[-_TAIL:]
         fresh = self._clean
         if not fresh:
             self._partial += data
@@ -204,6 +256,67 @@ class RequestParser:
             self._forget_partial()
         else:
             self._guard(requests, first, before)
+        return b""
+
+    def _check_from_here(self, data: bytes) -> bytes:
+        """Switch to the checked path for ``data`` (see the module doc); return what to
+        go on with.
+
+        If hiredis holds part of a request, that part is taken back from it: ``_scan``
+        finds where the incomplete request starts in ``_partial`` (the requests before
+        it were completed and returned), and the checked path starts there.
+        """
+        rest = data
+        if not self._clean:
+            at, _count, _inline = self._scan([], 0, self._completed)
+            rest = bytes(self._partial[at:]) + data
+            self._reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
+            self._forget_partial()
+            self._clean = True
+            self._tail = b""
+        if rest[:1] == b"*":
+            self._checked = bytearray()
+        return rest  # else an inline line: ``feed`` takes it as one
+
+    def _feed_checked(self, data: bytes, requests: list[list[bytes]]) -> bytes:
+        """The checked path: walk each request (``_skip_request`` verifies its header
+        and elements against our limits) and hand it to hiredis only once it is whole and
+        well-formed. Returns the bytes of an inline line that follows, if any.
+
+        Back to the fast path at the first clean boundary: a client that sent one large
+        ``append`` pays for the walk of that request only.
+        """
+        buf = self._checked
+        assert buf is not None
+        buf += data
+        reader = self._reader
+        at, size = 0, len(buf)
+        while at < size:
+            if buf[at] != 0x2A:  # not '*': an inline line
+                rest = bytes(buf[at:])
+                self._checked = None
+                self._resume = None
+                return rest
+            end = self._skip_request(buf, at)
+            if end < 0:
+                break
+            reader.feed(buf, at, end - at)
+            try:
+                request = reader.gets()
+            except hiredis.ProtocolError as exc:  # what the walk lets through: "$01"
+                raise ProtocolError(str(exc)) from None
+            if type(request) is not list:
+                raise ProtocolError(_NOT_AN_ARRAY)
+            requests.append(request)
+            at = end
+        if at == size:
+            self._checked = None  # a clean boundary: back to the fast path
+            self._resume = None
+        elif at:
+            del buf[:at]
+            if self._resume is not None:
+                start, count, checked, offset, announced = self._resume
+                self._resume = (start - at, count, checked, offset - at, announced)
         return b""
 
     def _hold(self, data: bytes, fresh: bool, requests: list[list[bytes]], first: int,
@@ -361,6 +474,18 @@ class RequestParser:
                 requests.append(words)
         del buf[:at]
         return b""
+
+
+def _announces_large_aggregate(data: bytes) -> bool:
+    """Whether ``data`` may hold an aggregate header announcing 1,000 elements or more
+    (see ``_LARGE_ARRAY``). False alarms (such bytes inside event data) only cost the
+    checked path."""
+    if _LARGE_ARRAY.search(data) is not None:
+        return True
+    for mark, pattern in _LARGE_RESP3:
+        if mark in data and pattern.search(data) is not None:
+            return True
+    return False
 
 
 def _canonical_size(request: list) -> int:

@@ -236,3 +236,111 @@ def test_what_hiredis_refuses_is_refused_with_its_reason_after_the_good_requests
         reader.gets()
     assert refusal(command(*PING) * 2 + bad + command(*PING)) == \
         (str(caught.value), [PING, PING])
+
+
+# -- what hiredis may be made to allocate (issue 10) ----------------------------------------
+#
+# hiredis reserves a list of the announced size the moment it reads an aggregate header,
+# at any depth. ``*2000000000\r\n`` made it reserve 16 GB, and releasing that held the
+# event loop for seconds. These tests watch the process' address space: a header that
+# reached hiredis shows as gigabytes in VmSize.
+
+
+def vm_size_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+HUGE_HEADERS = [
+    pytest.param(b"*2000000000\r\n", "invalid multibulk length", id="array"),
+    pytest.param(b"*1\r\n*2000000000\r\n", "expected '$', got '*'", id="nested-array"),
+    pytest.param(b"*2\r\n$4\r\nping\r\n~2000000000\r\n", "expected '$', got '~'", id="set"),
+    pytest.param(b"*1\r\n>2000000000\r\n", "expected '$', got '>'", id="push"),
+    pytest.param(b"*1\r\n%1000000000\r\n", "expected '$', got '%'", id="map"),
+    pytest.param(b"*1\r\n|1000000000\r\n", "expected '$', got '|'", id="attribute"),
+    pytest.param(b"*3\r\n" + b"*1\r\n" * 50 + b"*1048576\r\n", "expected '$', got '*'",
+                 id="deep-then-large"),
+]
+
+
+@pytest.mark.parametrize("attack, reason", HUGE_HEADERS)
+def test_a_huge_aggregate_header_is_refused_before_hiredis_reserves_it(attack, reason):
+    before = vm_size_kib()
+    good = command(*PUBLISH)
+    # Whole, after a good request, and cut at every byte (the header split between reads).
+    cuts = [None] + list(range(1, len(attack)))
+    for cut in cuts:
+        reads = [good + attack] if cut is None else [good + attack[:cut], attack[cut:]]
+        got_reason, requests = refusal(*reads)
+        assert got_reason == reason, (cut, got_reason)
+        assert requests == [PUBLISH], cut
+        assert vm_size_kib() - before < 512 * 1024, f"hiredis reserved memory (cut {cut})"
+
+
+def test_a_huge_header_after_a_stalled_partial_request_is_refused_without_reserving_it():
+    # A request cut in the middle is held by hiredis; the next read finishes it and
+    # announces a huge array: the checked path takes the partial request back first.
+    before = vm_size_kib()
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    whole = command(*PUBLISH)
+    assert parser.feed(whole[:20]) == []
+    with pytest.raises(resp.ProtocolError) as refused:
+        parser.feed(whole[20:] + b"*2000000000\r\n")
+    assert refused.value.reason == "invalid multibulk length"
+    assert refused.value.requests == [PUBLISH]
+    assert vm_size_kib() - before < 512 * 1024
+
+
+def test_a_refusal_lets_go_of_what_the_parser_held():
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    parser.feed(b"*3\r\n$100000\r\n" + b"x" * 90_000)
+    assert parser._partial
+    with pytest.raises(resp.ProtocolError):
+        parser.feed(b"y" * 10_000 + b"\r\n:1\r\n")
+    assert not parser._partial and parser._checked is None and not parser._inline
+
+
+LARGE_APPEND = [b"append", b"s", b"any"] + [item for i in range(700) for item in
+                                             (b"e%d" % i, b"*1234 %5678 ~9999 >1000 |2000")]
+
+
+def test_a_request_of_over_a_thousand_elements_takes_the_checked_path_and_is_whole():
+    data = command(*PING) + command(*LARGE_APPEND) + command(*PUBLISH) + b"PING\r\n"
+    expected = [PING, LARGE_APPEND, PUBLISH, [b"PING"]]
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(data) == expected
+    assert parser._checked is None and not parser._partial
+    rng = random.Random(11)
+    for _ in range(30):
+        cuts = sorted(rng.sample(range(1, len(data)), rng.choice([1, 2, 5, 40])))
+        reads = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+        parser = resp.RequestParser(max_bulk=MAX_BULK)
+        assert feed(parser, *reads) == expected
+        assert parser._checked is None and not parser._partial
+
+
+@pytest.mark.parametrize("data", [b"*1234", b"x*12345\r\n*9999", b"~1000", b"%20202020",
+                                  b"a>1000b|9999", b"*" * 10 + b"0" * 10])
+def test_event_data_that_looks_like_a_large_header_is_stored_as_sent(data):
+    # False alarms of the search take the checked path, whole or cut anywhere.
+    requests = [PING, [b"publish", b"s", b"e", data], [b"publish", b"s", data, b"x"], PING]
+    stream = b"".join(command(*r) for r in requests)
+    for cut in range(len(stream) + 1):
+        parser = resp.RequestParser(max_bulk=MAX_BULK)
+        assert feed(parser, stream[:cut], stream[cut:]) == requests, cut
+        assert parser._checked is None and not parser._partial
+
+
+def test_the_fast_path_comes_back_after_a_checked_request(monkeypatch):
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    assert parser.feed(command(*LARGE_APPEND)) == [LARGE_APPEND]
+
+    def no_scan(*args):
+        raise AssertionError("well-formed requests were scanned")
+
+    monkeypatch.setattr(resp.RequestParser, "_scan", no_scan)
+    monkeypatch.setattr(resp.RequestParser, "_skip_request", no_scan)
+    assert parser.feed(command(*PUBLISH) * 100) == [PUBLISH] * 100
