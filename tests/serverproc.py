@@ -92,11 +92,35 @@ class ServerProcess:
         self._log.close()
 
     def rss_kib(self) -> int:
+        return self._status("VmRSS")
+
+    def _status(self, field: str) -> int:
         with open(f"/proc/{self.proc.pid}/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+        raise AssertionError(f"no {field}")
+
+    def vm_size_kib(self) -> int:
+        """The address space reserved, touched or not (a huge allocation shows here)."""
+        return self._status("VmSize")
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time the server has used so far."""
+        with open(f"/proc/{self.proc.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def wait_idle(self, window: float = 0.5, most: float = 0.1,
+                  timeout: float = DEADLINE) -> None:
+        """Wait until the server used less than ``most`` CPU seconds over ``window``
+        seconds: it has settled once its clients are quiet. A server spinning on its
+        event loop never gets there, and the wait fails after ``timeout``."""
+        def quiet() -> bool:
+            before = self.cpu_seconds()
+            time.sleep(window)
+            return self.cpu_seconds() - before < most
+        wait_for(quiet, timeout, what=f"meilies-server to be idle (pid {self.proc.pid})")
 
     def client(self) -> RawClient:
         return RawClient(self.port)

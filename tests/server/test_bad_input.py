@@ -327,3 +327,78 @@ def test_random_garbage_from_many_connections_never_crashes_the_server(server):
     assert_usable(keeper)
     assert server.proc.poll() is None
     assert_no_traceback(server)
+
+
+# -- state that outlives one hostile connection (issue 10) -------------------------------------
+
+#: The sequence that froze the server: each reply is one protocol error, then close.
+ISSUE_10_ATTACKS = [
+    b"*5\r\n$6\r\napp)\x99\xfd\xafend99999999999\r\n$1\r\nw\r\n\r\n$3\r\nan\r\ne\r\n$1\r\ny\r\n",
+    b"*2000000000\r\n",
+    b"*2\r\n$\x8a7\r\nlast-event-number\r\n$1\r\x14'\xa0\xae\xb3\xfe\xe9\nw\r\n*",
+    b"*1\r\n:$4\r\nP\r\nI",
+    b"*1\r\n:$4\r\nP\r\nI",
+]
+
+#: How long a fresh PING may take once the attack is over (the issue's bound): the stalls
+#: this pins lasted from 3.6 s (one huge header freed) to forever (the loop spinning).
+PING_WITHIN = 1.0
+
+
+def assert_answers_a_fresh_ping(server) -> None:
+    fresh = server.client()
+    fresh.sock.settimeout(PING_WITHIN)
+    try:
+        assert fresh.call("ping") == b"+PONG\r\n"
+    finally:
+        fresh.close()
+
+
+def test_malformed_requests_beside_a_stalled_one_leave_the_server_serving_and_idle(
+        start_server):
+    server = start_server("--fsync", "no")
+    vm_before = server.vm_size_kib()
+    stalled = server.client()
+    stalled.send(b"*4\r\n$7\r\npubli")
+    for attack in ISSUE_10_ATTACKS:
+        client = server.client()
+        client.send(attack)
+        client.expect(b"-ERR Protocol error: ")
+        assert client.closed_by_peer()
+        assert client.buffer.count(b"\r\n") == 1, client.buffer
+        client.close()
+    assert_answers_a_fresh_ping(server)
+    server.wait_idle()
+    assert_answers_a_fresh_ping(server)
+    # Nothing of the 2,000,000,000-element header was ever reserved (it was 16 GB).
+    assert server.vm_size_kib() - vm_before < 1024 * 1024
+    # The stalled request is still whole when it is finished.
+    stalled.send(b"sh\r\n$1\r\ns\r\n$1\r\ne\r\n$1\r\nx\r\n")
+    stalled.expect(b"+OK\r\n")
+    assert stored(stalled, "s", 1) == [event_frame(b"s", 0, b"e", b"x")]
+    assert_no_traceback(server)
+
+
+@pytest.mark.parametrize("header", [b"*", b"~", b">", b"%", b"|"])
+def test_huge_aggregate_headers_at_any_depth_reserve_nothing(start_server, header):
+    server = start_server("--fsync", "no")
+    keeper = server.client()
+    keeper.send(command("subscribe", "s") + b"*4\r\n$7\r\npublish\r\n$1\r\ns\r\n")
+    keeper.expect(subscribed(b"s"))
+    vm_before = server.vm_size_kib()
+    # (At the top, only ``*`` starts a RESP request; any other byte starts an inline one.)
+    prefixes = [b"*1\r\n", b"*2\r\n$4\r\nping\r\n", b"*1\r\n" * 40]
+    for prefix in [b""] * (header == b"*") + prefixes:
+        for _ in range(3):
+            client = server.client()
+            client.send(prefix + header + b"2000000000\r\n")
+            client.expect(b"-ERR Protocol error: ")
+            assert client.closed_by_peer()
+            client.close()
+        assert_answers_a_fresh_ping(server)
+    server.wait_idle()
+    assert server.vm_size_kib() - vm_before < 1024 * 1024
+    # The subscriber that held a request half-sent all along is served as before.
+    keeper.send(b"$1\r\ne\r\n$1\r\nx\r\n")
+    frame = event_frame(b"s", 0, b"e", b"x")
+    assert keeper.read_exactly(len(frame) + 5) in (frame + b"+OK\r\n", b"+OK\r\n" + frame)
