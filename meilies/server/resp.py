@@ -26,7 +26,9 @@ inside event data is harmless), the requests up to the next clean boundary take 
 checked path, ``_feed_checked``: each request is walked and verified first, and hiredis
 is handed it only once it is whole. With counts under 1,000, what hiredis can hold
 for a request is bounded by its nesting limit (1,024 levels): 8 MB at worst, and only
-during the one ``feed`` that finds the request malformed and refuses it.
+during the one ``feed`` that finds the request malformed and refuses it. The checked
+path also takes a RESP3 aggregate at the start of a line (``_needs_checking``): hiredis
+reads a set as a list, and a request must start with ``*``.
 """
 
 from __future__ import annotations
@@ -201,8 +203,8 @@ class RequestParser:
         ``_forget_partial``), is copied to ``_partial`` by ``_hold`` too, and so not at
         all when it holds only canonically encoded requests, ending with the last.
         """
-        if _announces_large_aggregate(data) or (
-                not self._clean and _announces_large_aggregate(self._tail + data[:_TAIL])):
+        if _needs_checking(data) or (
+                not self._clean and _needs_checking(self._tail + data[:_TAIL])):
             return self._check_from_here(data)
         reader = self._reader
         reader.feed(data)
@@ -476,14 +478,22 @@ class RequestParser:
         return b""
 
 
-def _announces_large_aggregate(data: bytes) -> bool:
-    """Whether ``data`` may hold an aggregate header announcing 1,000 elements or more
-    (see ``_LARGE_ARRAY``). False alarms (such bytes inside event data) only cost the
-    checked path."""
+def _needs_checking(data: bytes) -> bool:
+    """Whether ``data`` may hold what hiredis must not see unchecked (module doc): an
+    aggregate header announcing 1,000 elements or more (see ``_LARGE_ARRAY``), or a
+    RESP3 aggregate at the start of a line, where a request may start.
+
+    hiredis reads ``~2\r\n$4\r\nping\r\n...`` (a set) as a list like any array, of
+    the same size; but a request that does not start with ``*`` is an inline command,
+    as it is at a clean boundary, where ``feed`` sends it to ``_feed_inline``. Taken
+    from hiredis unchecked, the same bytes were a request or inline lines depending on
+    where reads ended, and, cut at some points, both (run twice). False alarms (such
+    bytes inside event data) only cost the checked path.
+    """
     if _LARGE_ARRAY.search(data) is not None:
         return True
     for mark, pattern in _LARGE_RESP3:
-        if mark in data and pattern.search(data) is not None:
+        if mark in data and (b"\n" + mark in data or pattern.search(data) is not None):
             return True
     return False
 

@@ -344,3 +344,17 @@ def test_the_fast_path_comes_back_after_a_checked_request(monkeypatch):
     monkeypatch.setattr(resp.RequestParser, "_scan", no_scan)
     monkeypatch.setattr(resp.RequestParser, "_skip_request", no_scan)
     assert parser.feed(command(*PUBLISH) * 100) == [PUBLISH] * 100
+
+
+@pytest.mark.parametrize("mark", [b"~", b">", b"%", b"|"])
+def test_a_resp3_aggregate_where_a_request_starts_is_inline_wherever_reads_end(mark):
+    # hiredis reads a set (a push...) as it reads an array; a request that does not start
+    # with '*' is an inline command. Found by tools/fuzz_parser.py: cut at some points,
+    # the same bytes were a request and inline lines both, so a publish ran twice.
+    aggregate = mark + b"4\r\n$7\r\npublish\r\n$1\r\ns\r\n$1\r\ne\r\n$1\r\nx\r\n"
+    data = command(*PING) + aggregate + command(*PING)
+    expected = [PING] + [[line] for line in aggregate.split(b"\r\n")[:-1]] + [PING]
+    for cut in range(len(data) + 1):
+        for reads in ([data[:cut], data[cut:]], [data[:cut // 2], data[cut // 2:cut], data[cut:]]):
+            parser = resp.RequestParser(max_bulk=MAX_BULK)
+            assert feed(parser, *reads) == expected, (cut, reads)
