@@ -1,4 +1,4 @@
-"""The segment file format, version 2: the one module that owns the log's byte layout.
+"""The segment file format, version 3: the one module that owns the log's byte layout.
 
 docs/format.md tells the same in prose, with a worked example; this docstring and the
 constants below are the source of truth.
@@ -16,8 +16,9 @@ A data directory holds segment files (``files.py`` names them). Each segment is:
     record_header (56 bytes):
         offset  size  field
         0       4     magic = b"MREC"
-        4       8     checksum = xxh3_64(record[12:record_end])
-        12      1     version = 2 (the version of the segment that holds it)
+        4       8     checksum = xxh3_64(record[12:frames_start]): the header fields
+                      after it, the stream name and the lengths (version 3; see below)
+        12      1     version = 3 (the version of the segment that holds it)
         13      1     flags = 0 (reserved; a reader refuses unknown flags)
         14      2     stream_name_length (1..255)
         16      4     body_length: bytes after the header (name + lengths + frames)
@@ -27,32 +28,43 @@ A data directory holds segment files (``files.py`` names them). Each segment is:
         40      4     stream_id: the engine's dense id for the stream (0, 1, 2, ...)
         44      4     reserved = 0
         48      8     timestamp_ms: milliseconds since the epoch when appended
-    lengths      := (frame_length:u32 data_length:u32){count}
+    lengths      := (frame_length:u32 data_length:u32 frame_check:u32){count}
+                    frame_check = xxh32(the frame), seed 0
     frames       := frame{count}, back to back
     frame        := the RESP2 reply that a subscriber receives for the event:
         *5\\r\\n+event\\r\\n+<stream>\\r\\n:<number>\\r\\n+<event-name>\\r\\n$<len>\\r\\n<data>\\r\\n
 
 All integers are little-endian. One record is one ``append`` batch: all its events
 belong to one stream, with contiguous numbers and contiguous global positions. A record
-never spans two segments. The checksum starts right after itself, so that it covers
-every header field (the length included, on purpose: a torn length is caught) and the
-body in one contiguous xxhash call. Storing each event as its wire frame, and a
-record's frames back to back, lets a catch-up subscriber be served a whole batch of
-events as one slice of the mmap, with no re-encoding and no Python work per event.
+never spans two segments. The record checksum starts right after itself, so that it
+covers every header field (the length included, on purpose: a torn length is caught),
+the name and the lengths in one contiguous xxhash call; each frame is covered by its
+own ``frame_check``, which the record checksum covers in turn. So a flipped byte in a
+frame is pinned to one event, and the events of the record before it are known whole
+(``meilies-fsck`` names the event; ``--repair`` keeps those before it): a pipelined run
+of publishes stored as one record no longer loses its acknowledged events to damage in
+a later one. Storing each event as its wire frame, and a record's frames back to back,
+lets a catch-up subscriber be served a whole batch of events as one slice of the mmap,
+with no re-encoding and no Python work per event.
 
-Version 1 differs only in the body: ``record := record_header stream_name event{count}``
-with ``event := frame_length:u32 data_length:u32 frame`` (each frame after its own
-lengths; a one-event record has the same bytes in both versions but for the version
-byte). Every record carries the version of the segment that holds it. The engine
-reads both; it writes version 1 records only into a version 1 segment that was active
-when the directory was opened, until that segment rolls, and every segment it creates
-is version 2. So a segment never mixes versions, and an older MeiliES refuses a
-version 2 segment by its header instead of taking its records for damage.
+Versions 1 and 2 have 8-byte lengths entries, ``(frame_length, data_length)``, and one
+checksum over ``record[12:record_end]``, frames included. Version 1's body is
+``record := record_header stream_name event{count}`` with ``event := frame_length:u32
+data_length:u32 frame`` (each frame after its own lengths); version 2's is version 3's
+without the frame checks. Every record carries the version of the segment that holds
+it. The engine reads all three; it writes records of an older version only into an
+older segment that was active when the directory was opened, until that segment rolls,
+and every segment it creates is of the newest version. So a segment never mixes
+versions, and an older MeiliES refuses a newer segment by its header instead of taking
+its records for damage.
 
 Version history (``FORMAT_VERSION``):
     1 -- first version (2026-11): batch records, frames stored as RESP replies.
     2 -- 2026-11: a record's frame lengths first, then its frames back to back, so that
          the frames of a batch are one contiguous span.
+    3 -- 2026-12: a 32-bit xxhash per frame in the lengths, and the record checksum
+         over the header, name and lengths only, so that damage is pinned to one event
+         (issue 10).
 """
 
 from __future__ import annotations
@@ -68,13 +80,17 @@ import xxhash
 
 #: The version of the segments this code creates. A file with a higher version is
 #: refused on open.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Every version listed here can be read. Keep it in step with the history above.
 FORMAT_HISTORY = {1: "batch records, frames stored as RESP replies",
-                  2: "a record's frame lengths first, its frames back to back"}
+                  2: "a record's frame lengths first, its frames back to back",
+                  3: "a checksum per frame; the record checksum over header, name, lengths"}
 
 checksum = xxhash.xxh3_64_intdigest
 Hasher = xxhash.xxh3_64
+#: The check of one frame (version 3): 32 bits are plenty for one frame of at most a few
+#: MiB, and the fastest per call for short frames, which are the common case.
+frame_check = xxhash.xxh32_intdigest
 
 # -- segment header -------------------------------------------------------------------
 
@@ -123,8 +139,15 @@ _COVERED_HEADER = struct.Struct("<BBHIIQQIIQ")
 _CHECKSUM = struct.Struct("<Q")
 assert 4 + _CHECKSUM.size + _COVERED_HEADER.size == RECORD_HEADER_SIZE
 
-EVENT_HEADER = struct.Struct("<II")  # frame_length, data_length: one entry of ``lengths``
+EVENT_HEADER = struct.Struct("<II")  # frame_length, data_length: versions 1 and 2
 EVENT_HEADER_SIZE = EVENT_HEADER.size  # 8
+EVENT_ENTRY = struct.Struct("<III")  # frame_length, data_length, frame_check: version 3
+EVENT_ENTRY_SIZE = EVENT_ENTRY.size  # 12
+
+
+def entry_size(version: int) -> int:
+    """Bytes of one event's entry in the lengths of a record of ``version``."""
+    return EVENT_ENTRY_SIZE if version >= 3 else EVENT_HEADER_SIZE
 
 FRAME_PREFIX = b"*5\r\n+event\r\n+"
 
@@ -191,10 +214,26 @@ def encode_record(stream: bytes, stream_id: int, base_position: int, first_numbe
     frames = [b"%s%d\r\n+%s\r\n$%d\r\n%s\r\n" % (head, number, name, len(data), data)
               for number, (name, data) in enumerate(events, first_number)]
     lengths = list(map(len, frames))
+    at = RECORD_HEADER_SIZE + len(stream)
+    if timestamp_ms is None:
+        timestamp_ms = int(time.time() * 1000)
+    if version == 3:  # the lengths with a check per frame, then the frames back to back
+        table = array("I", bytes(EVENT_ENTRY_SIZE * count))
+        table[0::3] = array("I", lengths)
+        table[1::3] = array("I", map(len, map(itemgetter(1), events)))
+        table[2::3] = array("I", map(frame_check, frames))
+        table_bytes = table.tobytes()
+        covered = b"".join((
+            _COVERED_HEADER.pack(version, 0, len(stream),
+                                 len(stream) + len(table_bytes) + sum(lengths), count,
+                                 base_position, first_number, stream_id, 0, timestamp_ms),
+            stream, table_bytes))
+        offsets = list(accumulate(lengths[:-1], initial=at + EVENT_ENTRY_SIZE * count))
+        return EncodedRecord(b"".join((RECORD_MAGIC, _CHECKSUM.pack(checksum(covered)), covered,
+                                       *frames)), offsets, lengths)
     table = array("I", bytes(8 * count))
     table[0::2] = array("I", lengths)
     table[1::2] = array("I", map(len, map(itemgetter(1), events)))
-    at = RECORD_HEADER_SIZE + len(stream)
     if version == 1:  # each frame right after its own two lengths
         body = b"".join([b"".join(pair) for pair in zip(_pairs(table), frames)])
         offsets = list(accumulate([n + EVENT_HEADER_SIZE for n in lengths[:-1]],
@@ -204,8 +243,6 @@ def encode_record(stream: bytes, stream_id: int, base_position: int, first_numbe
         offsets = list(accumulate(lengths[:-1], initial=at + EVENT_HEADER_SIZE * count))
     else:
         raise ValueError(f"cannot write format version {version}")
-    if timestamp_ms is None:
-        timestamp_ms = int(time.time() * 1000)
     covered = b"".join((
         _COVERED_HEADER.pack(version, 0, len(stream), len(stream) + len(body), count,
                              base_position, first_number, stream_id, 0, timestamp_ms),
@@ -228,14 +265,75 @@ def encode_single(stream: bytes, stream_id: int, position: int, number: int, nam
     head = b"*5\r\n+event\r\n+%s\r\n:%d\r\n+%s\r\n$%d\r\n" % (stream, number, name, len(data))
     frame_len = len(head) + len(data) + 2
     name_len = len(stream)
+    timestamp_ms = int(time.time() * 1000)
+    if version == 3:
+        frame = b"".join((head, data, b"\r\n"))
+        covered = b"".join((
+            _COVERED_HEADER.pack(version, 0, name_len, name_len + EVENT_ENTRY_SIZE + frame_len,
+                                 1, position, number, stream_id, 0, timestamp_ms),
+            stream, EVENT_ENTRY.pack(frame_len, len(data), frame_check(frame))))
+        return (b"".join((RECORD_MAGIC, _CHECKSUM.pack(checksum(covered)), covered, frame)),
+                RECORD_HEADER_SIZE + name_len + EVENT_ENTRY_SIZE, frame_len)
     covered = b"".join((
         _COVERED_HEADER.pack(version, 0, name_len, name_len + EVENT_HEADER_SIZE + frame_len,
-                             1, position, number, stream_id, 0, int(time.time() * 1000)),
+                             1, position, number, stream_id, 0, timestamp_ms),
         stream, EVENT_HEADER.pack(frame_len, len(data)), head, data, b"\r\n"))
     return (RECORD_MAGIC + _CHECKSUM.pack(checksum(covered)) + covered,
             RECORD_HEADER_SIZE + name_len + EVENT_HEADER_SIZE, frame_len)
 
 
-def record_checksum(buf: bytes | memoryview, offset: int, size: int) -> int:
-    """The checksum a record of ``size`` bytes at ``offset`` should carry."""
-    return checksum(memoryview(buf)[offset + CHECKSUM_END:offset + size])
+def checked_end(header: RecordHeader, offset: int) -> int:
+    """Where the bytes that the record checksum covers end, for the record at
+    ``offset``: the record's end up to version 2, the end of its lengths in version 3
+    (its frames have checks of their own). May lie past the record if the header is
+    damaged; the caller checks."""
+    if header.version >= 3:
+        return (offset + RECORD_HEADER_SIZE + header.stream_name_length
+                + EVENT_ENTRY_SIZE * header.count)
+    return offset + header.size
+
+
+def record_checksum(buf: bytes | memoryview, offset: int, end: int) -> int:
+    """The checksum a record at ``offset`` should carry, whose covered bytes end at
+    ``end`` (:func:`checked_end`)."""
+    return checksum(memoryview(buf)[offset + CHECKSUM_END:end])
+
+
+def shortened_record(buf: bytes | memoryview, offset: int, header: RecordHeader,
+                     keep: int) -> bytes:
+    """The record at ``offset`` (version 3) cut to its first ``keep`` events, with its
+    checksum redone: what ``meilies-fsck --repair`` writes in place of a record whose
+    event ``keep`` is damaged, so that the whole events before it stay."""
+    assert header.version >= 3 and 0 < keep < header.count
+    name_len = header.stream_name_length
+    table_at = offset + RECORD_HEADER_SIZE + name_len
+    table = array("I")
+    table.frombytes(bytes(buf[table_at:table_at + EVENT_ENTRY_SIZE * keep]))
+    frames_at = table_at + EVENT_ENTRY_SIZE * header.count
+    frames = bytes(buf[frames_at:frames_at + sum(table[0::3])])
+    covered = b"".join((
+        _COVERED_HEADER.pack(header.version, 0, name_len,
+                             name_len + EVENT_ENTRY_SIZE * keep + len(frames), keep,
+                             header.base_position, header.first_number, header.stream_id, 0,
+                             header.timestamp_ms),
+        bytes(buf[offset + RECORD_HEADER_SIZE:table_at]), table.tobytes()))
+    return b"".join((RECORD_MAGIC, _CHECKSUM.pack(checksum(covered)), covered, frames))
+
+
+def reseal_record(raw: bytearray, offset: int) -> None:
+    """Recompute, in place, the checks of the record at ``offset`` whose bytes were
+    changed on purpose (its frame checks in version 3, then its checksum), trusting its
+    header and lengths: for tools and tests that build damage only a deeper check can
+    see."""
+    header = decode_record_header(raw, offset)
+    if header.version >= 3:
+        table_at = offset + RECORD_HEADER_SIZE + header.stream_name_length
+        at = table_at + EVENT_ENTRY_SIZE * header.count
+        for i in range(header.count):
+            entry = table_at + EVENT_ENTRY_SIZE * i
+            frame_len, data_len, _check = EVENT_ENTRY.unpack_from(raw, entry)
+            EVENT_ENTRY.pack_into(raw, entry, frame_len, data_len,
+                                  frame_check(bytes(raw[at:at + frame_len])))
+            at += frame_len
+    digest = record_checksum(raw, offset, checked_end(header, offset))
+    _CHECKSUM.pack_into(raw, offset + CHECKSUM_OFFSET, digest)

@@ -261,7 +261,7 @@ class Engine:
             old_version = segment.version
             segment = self._segment_for(len(data))
             assert position == self._next_position, "a roll must not move the log's end"
-            if segment.version != old_version:  # same size in every version
+            if segment.version != old_version:  # a newer version, another size
                 data, offsets, lengths = self._encode(stream, record_sid, position, current,
                                                       events, segment.version)
         if sid is None:

@@ -133,9 +133,7 @@ def fix_checksum(path: Path, offset: int) -> None:
     """Recompute the checksum of the record at ``offset`` after its bytes were changed,
     so that only a whole-segment hash can tell the damage."""
     raw = bytearray(Path(path).read_bytes())
-    header = fmt.decode_record_header(raw, offset)
-    digest = fmt.record_checksum(raw, offset, header.size)
-    struct.pack_into("<Q", raw, offset + fmt.CHECKSUM_OFFSET, digest)
+    fmt.reseal_record(raw, offset)
     Path(path).write_bytes(bytes(raw))
 
 

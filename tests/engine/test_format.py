@@ -6,10 +6,11 @@ import re
 import struct
 
 import pytest
+import xxhash
 
 from engine_helpers import resp_frame
 from meilies.engine import format as fmt
-from meilies.engine.recovery import ScannedRecord, check_record
+from meilies.engine.recovery import BadRecord, ScannedRecord, check_record
 
 
 def test_format_history_lists_the_current_version():
@@ -49,7 +50,6 @@ def test_record_holds_each_event_as_its_resp_frame(version):
             header.body_length, header.count, header.base_position, header.first_number,
             header.stream_id, header.timestamp_ms) == (
         b"MREC", version, 0, 9, len(record.data) - 56, 2, 100, 41, 5, 1234)
-    assert header.checksum == fmt.record_checksum(record.data, 0, len(record.data))
     assert record.data[56:65] == b"orders-17"
     frames = [record.data[o:o + n] for o, n in record.frames]
     assert frames == [resp_frame(b"orders-17", 41, *events[0]),
@@ -58,10 +58,17 @@ def test_record_holds_each_event_as_its_resp_frame(version):
     if version == 1:  # each frame after its own lengths
         expected_body = b"".join(struct.pack("<II", *pair) + frame
                                  for pair, frame in zip(lengths, frames))
-    else:  # the lengths, then the frames back to back
+    elif version == 2:  # the lengths, then the frames back to back
         expected_body = b"".join(struct.pack("<II", *pair) for pair in lengths) \
             + b"".join(frames)
+    else:  # the lengths with each frame's xxh32, then the frames back to back
+        expected_body = b"".join(struct.pack("<III", *pair, xxhash.xxh32_intdigest(frame))
+                                 for pair, frame in zip(lengths, frames)) + b"".join(frames)
     assert record.data[65:] == expected_body
+    # The checksum covers the header after itself, the name and the lengths; in versions
+    # 1 and 2 the frames too.
+    covered_end = 65 + 12 * 2 if version == 3 else len(record.data)
+    assert header.checksum == xxhash.xxh3_64_intdigest(record.data[12:covered_end])
     scanned = check_record(record.data, 0, len(record.data), deep=True)
     assert isinstance(scanned, ScannedRecord) and scanned.frames == record.frames
 
@@ -72,7 +79,7 @@ def test_one_event_record_differs_between_versions_only_in_version_and_checksum(
     new = fmt.encode_record(b"s", 0, 7, 3, one, timestamp_ms=1, version=2)
     assert old.data[12] == 1 and new.data[12] == 2
     assert old.data[13:] == new.data[13:] and old.frames == new.frames
-    for version in (1, 2):
+    for version in sorted(fmt.FORMAT_HISTORY):
         single = fmt.encode_single(b"s", 0, 7, 3, b"created", b"{}", version)
         record = fmt.encode_record(b"s", 0, 7, 3, one, version=version)
         # Same bytes but the timestamp (and so the checksum): encode_single takes the clock.
@@ -83,3 +90,48 @@ def test_one_event_record_differs_between_versions_only_in_version_and_checksum(
 def test_a_version_the_code_does_not_know_is_not_written():
     with pytest.raises(ValueError):
         fmt.encode_record(b"s", 0, 0, 0, [(b"e", b"")], version=max(fmt.FORMAT_HISTORY) + 1)
+
+
+# -- format 3: a check per frame --------------------------------------------------------------
+
+
+def batch(count: int = 5):
+    events = [(b"e%d" % i, b"data-%d" % i * (i + 1)) for i in range(count)]
+    return events, fmt.encode_record(b"orders-5", 2, 1000, 40, events, version=3)
+
+
+@pytest.mark.parametrize("event", [0, 2, 4])
+@pytest.mark.parametrize("where", ["first", "data", "last"])
+def test_a_flipped_byte_in_a_frame_names_that_event_and_no_other(event, where):
+    events, record = batch()
+    raw = bytearray(record.data)
+    at, length = record.frames[event]
+    raw[{"first": at, "data": at + length - 4, "last": at + length - 1}[where]] ^= 0x20
+    for deep in (False, True):
+        bad = check_record(bytes(raw), 0, len(raw), deep=deep)
+        assert isinstance(bad, BadRecord) and bad.event == event, bad
+        assert bad.reason.startswith(f"event 'orders-5':{40 + event} (position {1000 + event},"
+                                     f" event {event} of the record's 5)"), bad.reason
+        assert bad.header.count == 5 and bad.stream == b"orders-5"
+
+
+@pytest.mark.parametrize("where", ["header", "name", "lengths"])
+def test_a_flipped_byte_before_the_frames_fails_the_whole_record(where):
+    _events, record = batch()
+    raw = bytearray(record.data)
+    raw[{"header": 30, "name": 58, "lengths": 56 + 8 + 12 * 3 + 1}[where]] ^= 0x01
+    bad = check_record(bytes(raw), 0, len(raw))
+    assert isinstance(bad, BadRecord) and bad.event is None and bad.header is None
+
+
+@pytest.mark.parametrize("keep", [1, 2, 4])
+def test_a_record_shortened_to_its_whole_events_is_a_valid_record_of_them(keep):
+    events, record = batch()
+    raw = bytearray(record.data)
+    raw[record.frames[keep][0] + 3] ^= 0x20
+    short = fmt.shortened_record(bytes(raw), 0, fmt.decode_record_header(raw, 0), keep)
+    expected = fmt.encode_record(b"orders-5", 2, 1000, 40, events[:keep],
+                                 timestamp_ms=fmt.decode_record_header(raw, 0).timestamp_ms,
+                                 version=3)
+    assert short == expected.data
+    assert isinstance(check_record(short, 0, len(short), deep=True), ScannedRecord)

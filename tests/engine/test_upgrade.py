@@ -1,10 +1,13 @@
-"""A data directory written by format version 1 opens, reads and grows under version 2.
+"""A data directory written by an older format version opens, reads and grows under
+the newest (``fmt.FORMAT_VERSION``).
 
 ``data/format-v1`` was written by MeiliES at commit e5d1596 (the last version 1
-writer): ``Engine.open(d, fsync="always", segment_size=2048)``, then
+writer), ``data/format-v2`` at commit 8586353 (the last version 2 writer), each by
+``Engine.open(d, fsync="always", segment_size=2048)``, then
 ``engine.append(stream, events)`` for each of :func:`v1_batches`, ``sync()`` and a
 clean ``close()`` (the ``LOCK`` file removed). Four segments: three sealed, the newest
-active, all version 1. Tests work on a copy; the fixture is never opened in place.
+active, all of the fixture's version. Tests work on a copy; a fixture is never opened
+in place.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from engine_helpers import (crash_copy, read_everything, record_spans, resp_fram
 from meilies.engine import Engine, fsck
 from meilies.engine import format as fmt
 
-FIXTURE = Path(__file__).parent / "data" / "format-v1"
+FIXTURES = {1: Path(__file__).parent / "data" / "format-v1",
+            2: Path(__file__).parent / "data" / "format-v2"}
 SEGMENT_SIZE = 2048
 
 
@@ -57,19 +61,26 @@ def record_versions(path: Path) -> set[int]:
     return {fmt.decode_record_header(raw, span.offset).version for span in record_spans(path)}
 
 
+@pytest.fixture(params=sorted(FIXTURES), ids=lambda v: f"v{v}")
+def old_version(request) -> int:
+    return request.param
+
+
 @pytest.fixture
-def v1_dir(tmp_path) -> Path:
-    return Path(shutil.copytree(FIXTURE, tmp_path / "data"))
+def v1_dir(tmp_path, old_version) -> Path:
+    """A copy of the fixture written by ``old_version`` (1 or 2)."""
+    return Path(shutil.copytree(FIXTURES[old_version], tmp_path / "data"))
 
 
-def test_the_fixture_is_all_version_1(v1_dir):
+def test_the_fixture_is_all_of_its_version(v1_dir, old_version):
     segments = segment_files(v1_dir)
     assert len(segments) == 4
     for path in segments:
-        assert segment_version(path) == 1 and record_versions(path) == {1}
+        assert segment_version(path) == old_version
+        assert record_versions(path) == {old_version}
 
 
-def test_a_version_1_directory_reads_back_every_event(v1_dir):
+def test_an_older_directory_reads_back_every_event(v1_dir):
     expected = expected_events(v1_batches())
     with Engine.open(v1_dir, segment_size=SEGMENT_SIZE) as engine:
         assert engine.open_report.used_checkpoint
@@ -83,14 +94,14 @@ def test_a_version_1_directory_reads_back_every_event(v1_dir):
     assert fsck.verify(v1_dir).clean
 
 
-def test_appends_fill_the_version_1_segment_then_roll_to_version_2(v1_dir):
+def test_appends_fill_the_older_segment_then_roll_to_the_newest_version(v1_dir, old_version):
     more = [(b"orders-%d" % (i % 4), [(b"later", b"x" * (i % 50))] * (1 + i % 3))
             for i in range(60)]
     expected = expected_events(v1_batches() + more)
     with Engine.open(v1_dir, segment_size=SEGMENT_SIZE) as engine:
         for stream, events in more[:2]:
             engine.append(stream, events)
-        # Still the upgraded directory's active segment: its records stay version 1.
+        # Still the upgraded directory's active segment: its records keep its version.
         assert len(segment_files(v1_dir)) == 4
         for stream, events in more[2:]:
             engine.append(stream, events)
@@ -99,7 +110,7 @@ def test_appends_fill_the_version_1_segment_then_roll_to_version_2(v1_dir):
     segments = segment_files(v1_dir)
     assert len(segments) > 5
     versions = [segment_version(path) for path in segments]
-    assert versions[:4] == [1, 1, 1, 1] and set(versions[4:]) == {2}
+    assert versions[:4] == [old_version] * 4 and set(versions[4:]) == {fmt.FORMAT_VERSION}
     for path, version in zip(segments, versions):
         assert record_versions(path) == {version}  # a segment never mixes versions
     with Engine.open(v1_dir, segment_size=SEGMENT_SIZE) as engine:
@@ -125,7 +136,7 @@ def test_a_crash_after_the_upgrade_recovers_both_versions(v1_dir, tmp_path):
 
 
 def test_a_record_of_another_version_than_its_segment_is_damage(tmp_path):
-    """A segment never mixes versions: a version 1 record in a version 2 segment, even
+    """A segment never mixes versions: a version 1 record in a newer segment, even
     with a good checksum and the right numbers, is refused by open and by fsck."""
     from meilies.engine import CorruptRecord
 
@@ -133,9 +144,10 @@ def test_a_record_of_another_version_than_its_segment_is_damage(tmp_path):
     with Engine.open(directory) as engine:
         engine.append(b"s", [(b"e", b"0"), (b"e", b"1")])
     [segment] = segment_files(directory)
-    assert segment_version(segment) == 2
+    newest = fmt.FORMAT_VERSION
+    assert segment_version(segment) == newest
     foreign = fmt.encode_record(b"s", 0, 2, 2, [(b"e", b"2"), (b"e", b"3")], version=1)
-    after = fmt.encode_record(b"s", 0, 4, 4, [(b"e", b"4")], version=2)
+    after = fmt.encode_record(b"s", 0, 4, 4, [(b"e", b"4")], version=newest)
     at = segment.stat().st_size
     with open(segment, "ab") as handle:
         handle.write(foreign.data + after.data)
@@ -144,5 +156,5 @@ def test_a_record_of_another_version_than_its_segment_is_damage(tmp_path):
     assert refused.value.offset == at and "version 1 record" in refused.value.reason
     report = fsck.verify(directory)
     assert not report.clean
-    assert any(p.offset == at and "version 1 record in a version 2 segment" in p.reason
+    assert any(p.offset == at and f"version 1 record in a version {newest} segment" in p.reason
                for p in report.problems), report.problems

@@ -68,9 +68,8 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 def fix_checksum(raw: bytearray, offset: int, size: int) -> None:
-    """Recompute a record's checksum after its bytes were changed on purpose."""
-    digest = fmt.record_checksum(bytes(raw), offset, size)
-    raw[offset + fmt.CHECKSUM_OFFSET:offset + fmt.CHECKSUM_END] = digest.to_bytes(8, "little")
+    """Recompute a record's checks after its bytes were changed on purpose."""
+    fmt.reseal_record(raw, offset)
 
 
 def append_torn_record(segment: Path, stream: bytes, stream_id: int, position: int,
@@ -235,7 +234,10 @@ def test_frame_that_contradicts_its_header_under_a_valid_checksum_is_damage(data
     assert code == 1
     problem = report["problems"][0]
     assert (problem["file"], problem["offset"]) == (segment.name, offset)
-    assert problem["reason"] == "event 0 frame does not match its header"
+    assert problem["reason"] == (
+        f"event 'orders-{header.stream_id}':{header.first_number} (position"
+        f" {header.base_position}, event 0 of the record's 10): its frame does not match"
+        " its header")
 
 
 def test_damaged_segment_header_removes_that_segment_and_later_ones(data_dir):
