@@ -148,8 +148,16 @@ def _removal(removal: fsck.Removal, verb: str) -> list[str]:
     if claimed:
         lines.append("  named only by the header of a damaged record: " + ", ".join(
             claimed[:STREAMS_SHOWN]) + (", ..." if len(claimed) > STREAMS_SHOWN else ""))
+    if removal.rewrite is not None:
+        path, offset, record, kept = removal.rewrite
+        done = "kept" if verb == "removed" else "--repair would keep"
+        lines.append(f"  {done} {kept.describe()}: the whole events before the damaged one,"
+                     f" written back as a record of {len(record)} bytes at {path.name}"
+                     f" offset {offset}")
     for path, size, removed in removal.truncate:
         lines.append(f"  {path.name}: cut to {size} bytes ({removed} bytes after the last good"
+                     " event)" if removal.rewrite is not None else
+                     f"  {path.name}: cut to {size} bytes ({removed} bytes after the last good"
                      " record)")
     for path, size in removal.delete:
         lines.append(f"  {path.name}: the whole file ({size} bytes)")

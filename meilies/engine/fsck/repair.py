@@ -1,4 +1,8 @@
 """Repair: cut the log at the first bad record, drop the derived files, rebuild them.
+
+A damaged record of format 3 whose first events are whole is not cut whole: it is
+written back holding only those events (``Removal.rewrite``), and the log is cut
+after it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,12 @@ def _remove(directory: Path, report: FsckReport) -> None:
     for path, new_size, _removed in removal.truncate:
         fd = os.open(path, os.O_RDWR)
         try:
+            if removal.rewrite is not None and removal.rewrite[0] == path:
+                # Written over the damaged record's own bytes, then cut after it: an
+                # interrupted repair leaves the damaged record, or the shortened one with
+                # leftover bytes after it, which the next fsck finds and cuts.
+                _path, offset, record, _kept = removal.rewrite
+                os.pwrite(fd, record, offset)
             os.ftruncate(fd, new_size)
             os.fsync(fd)
         finally:

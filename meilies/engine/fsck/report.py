@@ -151,6 +151,10 @@ class Removal:
     #: Bytes after the cut that no record header could be decoded from (the bytes of a
     #: record whose checks fail but whose header still names its events are not counted).
     undecodable_bytes: int = 0
+    #: A damaged record (format 3) whose events before the damaged one are whole: the
+    #: repair writes it back at the cut holding only those (``truncate`` then cuts after
+    #: it), as (segment, offset, the shortened record, the events it keeps).
+    rewrite: tuple[Path, int, bytes, EventRange] | None = None
 
     @property
     def bytes(self) -> int:
@@ -166,7 +170,10 @@ class Removal:
                              for p, s, n in self.truncate],
                 "delete": [{"file": p.name, "path": str(p), "bytes": n} for p, n in self.delete],
                 "events": [r.to_dict() for r in self.events],
-                "undecodable_bytes": self.undecodable_bytes}
+                "undecodable_bytes": self.undecodable_bytes,
+                "kept": None if self.rewrite is None else {
+                    "file": self.rewrite[0].name, "offset": self.rewrite[1],
+                    "bytes": len(self.rewrite[2]), **self.rewrite[3].to_dict()}}
 
 
 @dataclass

@@ -469,25 +469,50 @@ class _Verifier:
         k, offset = self.cut
         removal = Removal()
         ranges: dict[bytes, EventRange] = {}
+        torn = any(isinstance(p, TornTail) for p in self.report.problems)
         for j in range(k, len(self.listing.bases)):
             base, size = self.listing.bases[j], self.listing.sizes[j]
             path = segment_path(self.directory, base)
             start = offset if j == k else 0
-            if start == 0:
-                removal.delete.append((path, size))
-            else:
-                removal.truncate.append((path, start, size - start))
             at = max(start, fmt.SEGMENT_HEADER_SIZE)
-            if size <= at:
-                continue
             with open(path, "rb") as handle:
-                buf = mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ)
+                buf = mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ) if size else b""
             try:
-                removal.undecodable_bytes += _decode_removed(buf, at, size, ranges)
+                if j == k and start and not torn and size > at:
+                    start, at = self._keep_whole_events(removal, ranges, path, buf, at, size)
+                if start == 0:
+                    removal.delete.append((path, size))
+                else:
+                    removal.truncate.append((path, start, size - start))
+                if size > at:
+                    removal.undecodable_bytes += _decode_removed(buf, at, size, ranges)
             finally:
-                close_map(buf)
+                if size:
+                    close_map(buf)
         removal.events = list(ranges.values())
         self.report.removal = removal
+
+    @staticmethod
+    def _keep_whole_events(removal: Removal, ranges: dict[bytes, EventRange], path: Path,
+                           buf, at: int, size: int) -> tuple[int, int]:
+        """If the record at the cut is one whose first events are whole (format 3: its
+        header and lengths check, a later frame does not), plan to write it back with
+        only those; return (the size the segment is cut to, where the removed records
+        start). Damage costs the damaged event and what follows it, not the acknowledged
+        events stored before it in the same record (a pipelined run of publishes).
+        A torn tail is never shortened: the write it belonged to was never
+        acknowledged, and an ``append`` is stored whole or not at all."""
+        bad = check_record(buf, at, size, deep=True, version=segment_version(path))
+        if not isinstance(bad, BadRecord) or not bad.event:
+            return at, at
+        header = bad.header
+        shortened = fmt.shortened_record(buf, at, header, bad.event)
+        kept = EventRange(bad.stream, header.first_number,
+                          header.first_number + bad.event - 1)
+        removal.rewrite = (path, at, shortened, kept)
+        _add_range(ranges, bad.stream, header.first_number + bad.event,
+                   header.count - bad.event, False)
+        return at + len(shortened), at + header.size
 
 
 def _decode_removed(buf, at: int, end: int, ranges: dict[bytes, EventRange]) -> int:
