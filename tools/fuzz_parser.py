@@ -308,7 +308,7 @@ def main() -> int:
         if args.coverage:
             cov.stop()
             cov.report(include=[str(REPO / "meilies/server/resp.py"),
-                                str(REPO / "meilies/server/connection.py")], show_missing=False)
+                                str(REPO / "meilies/server/connection.py")], show_missing=True)
         return code
 
     try:
