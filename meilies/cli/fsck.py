@@ -27,6 +27,10 @@ Examples:
   meilies-fsck /var/lib/meilies            verify; change nothing
   meilies-fsck /var/lib/meilies --repair   cut the log after its last good record,
                                            rebuild indexes and checkpoint
+  meilies-fsck /var/lib/meilies --repair --salvage
+                                           keep the log after the damage: a
+                                           placeholder ($damaged) for each event
+                                           that cannot be trusted
   meilies-fsck /var/lib/meilies --json     the same report as one JSON document
 
 \b
@@ -42,16 +46,23 @@ the log without losing an event. See docs/format.md.
 @click.option("--repair", is_flag=True,
               help="Truncate the log after its last good record, then rebuild the indexes and"
                    " the checkpoint; say exactly what was removed.")
+@click.option("--salvage", is_flag=True,
+              help="With --repair: keep every record after the damage instead of cutting"
+                   " the log; each event that cannot be trusted becomes a placeholder (event"
+                   " name $damaged, empty data, same stream and number), and each is named.")
 @options.json_output
-def main(data_dir: str, repair: bool, json_output: bool) -> None:
+def main(data_dir: str, repair: bool, salvage: bool, json_output: bool) -> None:
     """Verify every record and index entry of the MeiliES data directory DATA_DIR.
 
     Stop the server first: fsck takes the directory's lock and refuses to run while a
     server holds it.
     """
+    if salvage and not repair:
+        _fail("--salvage works with --repair: meilies-fsck DIR --repair --salvage",
+              json_output)
     bar = _ProgressBar()
     try:
-        report = fsck.verify(data_dir, repair=repair, progress=bar)
+        report = fsck.verify(data_dir, repair=repair, progress=bar, salvage=salvage)
     except DirectoryLocked as exc:
         _fail(f"{exc}: stop the meilies-server that uses it, then run meilies-fsck again",
               json_output)
@@ -106,7 +117,9 @@ def _text(report: fsck.FsckReport, repair: bool) -> list[str]:
     lines = [_summary(report)]
     lines += [problem.describe() for problem in report.problems]
     done = report.repair
-    if report.removal is not None:
+    if done is not None and done.salvaged is not None:
+        lines += _salvaged(done.salvaged)
+    elif report.removal is not None:
         verb = "removed" if done and done.removed else "--repair would remove"
         lines += _removal(report.removal, verb)
     derived = [p for p in report.problems if p.severity == "derived"]
@@ -161,6 +174,21 @@ def _removal(removal: fsck.Removal, verb: str) -> list[str]:
                      " record)")
     for path, size in removal.delete:
         lines.append(f"  {path.name}: the whole file ({size} bytes)")
+    return lines
+
+
+def _salvaged(result) -> list[str]:
+    """Every event replaced, every byte span lost: nothing summarised away."""
+    lines = [f"salvaged: {result.replaced_count} events replaced by placeholders ($damaged),"
+             f" every record after the damage kept"]
+    lines += [f"  replaced {r.describe()}" for r in result.replaced]
+    lines += [f"  lost {path.name} bytes {start}..{end - 1} ({end - start} bytes)"
+              for path, start, end in result.lost]
+    if result.torn is not None:
+        path, offset, size = result.torn
+        lines.append(f"  dropped a torn tail: {path.name} offset {offset} ({size} bytes)")
+    lines += [f"  note: {note}" for note in result.notes]
+    lines += [f"  rewrote {name}" for name in result.rewritten]
     return lines
 
 

@@ -32,9 +32,10 @@ CHECKPOINT_NAME = "checkpoint"
 TEMP_SUFFIX = ".tmp"
 
 _SEGMENT_FILE = re.compile(r"^(\d{20})\.(seg|pidx|sidx)$")
-#: The temporary files the engine writes (index.write_file, checkpoint.write): only
-#: these are removed on open; any other name ending in .tmp is someone else's file.
-_TEMP_FILE = re.compile(r"^(checkpoint|\d{20}\.(pidx|sidx))\.tmp$")
+#: The temporary files the engine writes (index.write_file, checkpoint.write) and
+#: ``meilies-fsck --repair --salvage`` writes (a segment's new bytes before the rename):
+#: only these are removed on open; any other name ending in .tmp is someone else's file.
+_TEMP_FILE = re.compile(r"^(checkpoint|\d{20}\.(pidx|sidx|seg))\.tmp$")
 
 
 def _stem(base_position: int) -> str:

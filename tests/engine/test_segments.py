@@ -239,7 +239,10 @@ def test_stray_directory_refuses_open_as_foreign(tmp_path):
 
 def test_leftover_temporary_files_are_removed_on_open(tmp_path):
     events = write_rolling_log(tmp_path)
-    leftovers = [tmp_path / "checkpoint.tmp", tmp_path / "00000000000000000000.pidx.tmp"]
+    # (A .seg.tmp is what an interrupted `meilies-fsck --repair --salvage` leaves: the
+    # segment itself is whole until the rename.)
+    leftovers = [tmp_path / "checkpoint.tmp", tmp_path / "00000000000000000000.pidx.tmp",
+                 tmp_path / "00000000000000000000.seg.tmp"]
     for path in leftovers:
         path.write_bytes(b"half written")
     with Engine.open(tmp_path, segment_size=SEGMENT_SIZE) as engine:
@@ -274,7 +277,8 @@ def test_closed_engine_refuses_every_call_and_closes_twice(tmp_path):
             call()
 
 
-@pytest.mark.parametrize("name", ["notes.tmp", "00000000000000000000.seg.tmp", "LOCK.tmp"])
+@pytest.mark.parametrize("name", ["notes.tmp", "00000000000000000000.log.tmp", "LOCK.tmp",
+                                  "0000000000000000000.seg.tmp"])
 def test_stray_file_ending_in_tmp_is_foreign_and_kept(tmp_path, name):
     """Only the engine's own temporary files are removed on open; anything else that
     happens to end in .tmp is someone else's and is neither deleted nor accepted."""

@@ -136,3 +136,83 @@ def test_a_torn_tail_in_a_frame_is_never_shortened(tmp_path):
     assert "kind=torn-tail" in done.stdout and "keep" not in done.stdout, done.stdout
     assert "'orders-0':%d (position %d" % (len(numbers) + 6, len(events) + 6) in done.stdout
     assert read_all(data_dir) == events
+
+
+# -- --repair --salvage: everything after the damage stays ---------------------------------------
+
+PLACEHOLDER = b"$damaged"
+
+
+@pytest.mark.parametrize("where", list(DAMAGE))
+@pytest.mark.parametrize("segment_at", ["first", "middle", "newest"])
+def test_salvage_keeps_every_record_after_the_damage_with_placeholders(
+        tmp_path, start_server, segment_at, where):
+    data_dir = tmp_path / "data"
+    events = write_events(data_dir)
+    segments = segment_files(data_dir)
+    segment = {"first": segments[0], "middle": segments[len(segments) // 2],
+               "newest": segments[-1]}[segment_at]
+    record, _offset = damage(segment, 1, where)
+    header = record.header
+    stream = record.stream
+    # A frame's damage costs that event; a header's or a lengths table's, the record's
+    # events (named by the header when it is still consistent, else by the numbers the
+    # stream's next record shows missing).
+    replaced = [DAMAGE[where]] if where.endswith("-frame") else list(range(10))
+    expected = list(events)
+    for i in replaced:
+        expected[header.base_position + i] = (stream, header.first_number + i, PLACEHOLDER, b"")
+
+    done = run_fsck(data_dir, "--repair", "--salvage")
+    assert done.returncode == 0, done.stdout + done.stderr
+    first = header.first_number + replaced[0]
+    what = (f"event {first}" if len(replaced) == 1 else
+            f"events {first}..{first + len(replaced) - 1}")
+    assert f"  replaced {what} of stream '{stream.decode()}'" in done.stdout, done.stdout
+    assert f"salvaged: {len(replaced)} events replaced by placeholders" in done.stdout
+    report = json.loads(run_fsck(data_dir, "--json").stdout)
+    assert report["clean"], report
+    # Every event outside the damage, byte for byte, with its number and position.
+    assert read_all(data_dir) == expected
+
+    server = start_server(data_dir=data_dir)
+    client = server.client()
+    total = len([e for e in events if e[0] == stream])
+    assert client.call("last-event-number", stream) == \
+        b"*3\r\n+last-event-number\r\n+%s\r\n:%d\r\n" % (stream, total - 1)
+    client.send(b"*2\r\n$9\r\nsubscribe\r\n$%d\r\n%s:%d:%d\r\n" % (
+        len(stream) + len(b":%d:%d" % (first, first + 1)), stream, first, first + 1))
+    client.expect(b"*2\r\n+subscribed\r\n+%s\r\n" % stream)
+    client.expect(b"*5\r\n+event\r\n+%s\r\n:%d\r\n+$damaged\r\n$0\r\n\r\n" % (stream, first))
+    client.close()
+    assert server.stop() == 0
+
+
+def test_salvage_refuses_when_the_log_after_does_not_say_what_was_lost(tmp_path):
+    # The header of a stream's last record is damaged and the stream never writes
+    # again: whose events were lost cannot be told. Nothing changes; plain --repair
+    # still works.
+    data_dir = tmp_path / "data"
+    events = write_events(data_dir)
+    newest = segment_files(data_dir)[-1]
+    raw = newest.read_bytes()
+    at, records = fmt.SEGMENT_HEADER_SIZE, []
+    while at < len(raw):
+        records.append(check_record(raw, at, len(raw)))
+        at = records[-1].end
+    victim = records[-5]  # a last-round record, with records after it
+    flip_byte(newest, victim.offset + 33)  # its first_number: its header is not trusted
+    before = {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "LOCK"}
+    done = run_fsck(data_dir, "--repair", "--salvage")
+    assert done.returncode == 1
+    assert "salvage refused, nothing was changed: 10 events were lost" in done.stdout
+    assert {p.name: p.read_bytes() for p in data_dir.iterdir() if p.name != "LOCK"} == before
+    assert run_fsck(data_dir, "--repair").returncode == 0
+    assert read_all(data_dir) == events[:victim.header.base_position]
+
+
+def test_salvage_without_repair_is_a_usage_error(tmp_path):
+    data_dir = tmp_path / "data"
+    write_events(data_dir, streams=2, batches=2)
+    done = run_fsck(data_dir, "--salvage")
+    assert done.returncode == 2 and "--salvage works with --repair" in done.stderr

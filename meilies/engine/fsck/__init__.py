@@ -55,7 +55,7 @@ from pathlib import Path
 
 from ..errors import UnreadableDirectory
 from .directory import _list_directory, _os_reason, _take_lock
-from .repair import _rebuild, _remove
+from .repair import _rebuild, _remove, _salvage
 from .report import (
     BadSegment,
     CheckpointProblem,
@@ -81,8 +81,10 @@ __all__ = [
 
 
 def verify(path: str | os.PathLike, repair: bool = False,
-           progress: Progress | None = None) -> FsckReport:
-    """Verify the data directory at ``path``; with ``repair``, repair what is wrong.
+           progress: Progress | None = None, salvage: bool = False) -> FsckReport:
+    """Verify the data directory at ``path``; with ``repair``, repair what is wrong;
+    with ``salvage`` too, keep the log after the damage (placeholders for what cannot
+    be trusted: salvage.py) instead of cutting it.
 
     Raises :class:`UnreadableDirectory` (missing, unreadable, not a data directory) and
     :class:`~meilies.engine.errors.DirectoryLocked` (a server has it open). Changes
@@ -93,7 +95,8 @@ def verify(path: str | os.PathLike, repair: bool = False,
     lock = _take_lock(directory, write=repair)
     try:
         try:
-            report = _Verifier(directory, _list_directory(directory), progress).run()
+            listing = _list_directory(directory)
+            report = _Verifier(directory, listing, progress).run()
         except OSError as exc:
             raise UnreadableDirectory(directory, _os_reason(exc)) from exc
         if not repair or report.clean:
@@ -105,7 +108,12 @@ def verify(path: str | os.PathLike, repair: bool = False,
                                    " move it out of the data directory, then repair")
             return report
         try:
-            _remove(directory, report)
+            if salvage:
+                _salvage(directory, report, listing.bases)
+                if report.repair.error is not None:
+                    return report
+            else:
+                _remove(directory, report)
         except OSError as exc:
             report.repair.error = f"repair stopped: {_os_reason(exc)}"
             return report

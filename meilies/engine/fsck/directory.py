@@ -30,7 +30,8 @@ _INDEX_FILE = re.compile(r"^(\d{20})(" + re.escape(SEGMENT_SUFFIX) + "|"
 #: other name ending in .tmp is someone else's file).
 _TEMP_FILE = re.compile(r"^(" + re.escape(CHECKPOINT_NAME) + r"|\d{20}("
                         + re.escape(POSITION_INDEX_SUFFIX) + "|"
-                        + re.escape(STREAM_INDEX_SUFFIX) + "))" + re.escape(TEMP_SUFFIX) + "$")
+                        + re.escape(STREAM_INDEX_SUFFIX) + "|"
+                        + re.escape(SEGMENT_SUFFIX) + "))" + re.escape(TEMP_SUFFIX) + "$")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A damaged record of format 3 whose first events are whole is not cut whole: it is
 written back holding only those events (``Removal.rewrite``), and the log is cut
-after it.
+after it. With ``--salvage`` nothing after the damage is cut (salvage.py).
 """
 
 from __future__ import annotations
@@ -12,28 +12,16 @@ from pathlib import Path
 
 from ..errors import DirectoryLocked, EngineError
 from ..files import CHECKPOINT_NAME, POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX, fsync_directory
+from . import salvage
 from .directory import _INDEX_FILE
 from .report import FsckReport, RepairResult
 
 
 def _remove(directory: Path, report: FsckReport) -> None:
-    """Delete the derived files, then cut the log (the caller holds the lock).
-
-    The checkpoint goes first, so that an interrupted repair never leaves one that
-    claims log which is gone; the engine rebuilds whatever is missing.
-    """
+    """Delete the derived files, then cut the log (the caller holds the lock)."""
     repair = report.repair
     assert repair is not None
-    for name in [CHECKPOINT_NAME] + sorted(
-            name for name in os.listdir(directory)
-            if name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX))
-            and _INDEX_FILE.match(name)):
-        try:
-            os.unlink(directory / name)
-        except FileNotFoundError:
-            continue
-        repair.deleted_derived.append(name)
-    fsync_directory(directory)
+    _delete_derived(directory, repair)
     removal = report.removal
     if removal is None:
         return
@@ -54,6 +42,43 @@ def _remove(directory: Path, report: FsckReport) -> None:
             os.close(fd)
     fsync_directory(directory)
     repair.removed = removal
+
+
+def _salvage(directory: Path, report: FsckReport, bases: list[int]) -> None:
+    """``--salvage``: plan first (nothing changes if it is refused), then delete the
+    derived files and write the salvaged segments (the caller holds the lock)."""
+    repair = report.repair
+    assert repair is not None
+    removal = report.removal
+    if removal is None or removal.cut is None:  # only derived files were bad
+        _delete_derived(directory, repair)
+        return
+    try:
+        result, outputs = salvage.plan(directory, bases, removal.cut, removal.torn)
+    except salvage.SalvageRefused as exc:
+        repair.error = f"salvage refused, nothing was changed: {exc}"
+        return
+    _delete_derived(directory, repair)
+    salvage.write(outputs, result)
+    repair.salvaged = result
+
+
+def _delete_derived(directory: Path, repair: RepairResult) -> None:
+    """Delete the checkpoint, then every index file.
+
+    The checkpoint goes first, so that an interrupted repair never leaves one that
+    claims log which is gone; the engine rebuilds whatever is missing.
+    """
+    for name in [CHECKPOINT_NAME] + sorted(
+            name for name in os.listdir(directory)
+            if name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX))
+            and _INDEX_FILE.match(name)):
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            continue
+        repair.deleted_derived.append(name)
+    fsync_directory(directory)
 
 
 def _rebuild(directory: Path, repair: RepairResult) -> None:

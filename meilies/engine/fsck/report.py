@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..names import quoted
+
+if TYPE_CHECKING:
+    from .salvage import SalvageResult
 
 #: ``progress(done_bytes, total_bytes)``: called as segment bytes are verified.
 Progress = Callable[[int, int], None]
@@ -155,6 +158,10 @@ class Removal:
     #: repair writes it back at the cut holding only those (``truncate`` then cuts after
     #: it), as (segment, offset, the shortened record, the events it keeps).
     rewrite: tuple[Path, int, bytes, EventRange] | None = None
+    #: Where the log is cut: (index of the segment in log order, offset), and whether
+    #: it is a torn tail (what ``--salvage`` starts from).
+    cut: tuple[int, int] | None = None
+    torn: bool = False
 
     @property
     def bytes(self) -> int:
@@ -188,10 +195,14 @@ class RepairResult:
     rebuilt: list[str] = field(default_factory=list)
     #: Why the repair did not happen or did not finish; None when it did.
     error: str | None = None
+    #: With ``--salvage``: what was replaced by placeholders and what was lost (then
+    #: ``removed`` is None: nothing after the damage was cut).
+    salvaged: SalvageResult | None = None
 
     def to_dict(self) -> dict:
         return {"removed": self.removed.to_dict() if self.removed else None,
                 "deleted_derived": self.deleted_derived, "rebuilt": self.rebuilt,
+                "salvaged": self.salvaged.to_dict() if self.salvaged else None,
                 "error": self.error}
 
 

@@ -490,6 +490,7 @@ class _Verifier:
                 if size:
                     close_map(buf)
         removal.events = list(ranges.values())
+        removal.cut, removal.torn = self.cut, torn
         self.report.removal = removal
 
     @staticmethod

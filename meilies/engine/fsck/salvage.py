@@ -1,0 +1,400 @@
+"""Salvage (``meilies-fsck --repair --salvage``): keep every record after the damage, and
+put a placeholder where an event cannot be trusted, so that numbering stays contiguous.
+
+``--repair`` alone cuts the log at the first damage, which in an old segment can be
+gigabytes of good events. Salvage instead rewrites the log from the cut on:
+
+* a record whose header and lengths check (format 3) keeps every frame that passes its
+  check; each frame that fails becomes a placeholder: the same stream, number and
+  position, event name ``$damaged``, empty data;
+* where a record's header cannot be trusted, the walk resynchronises on the next record
+  whose header and checksum are valid and that the log wrote later (its position past
+  the lost one), as LevelDB's log reader does, and the byte span in between is reported
+  lost. The positions that span held get placeholders: first the events its header
+  still names, where that header is consistent with the log (stream, next number, its
+  position); the rest go to the streams whose next records show numbers missing, one
+  stream after the other in stream-id order (the true interleaving is lost with the
+  span: said so in the report). If the log after the span does not account for every
+  lost position, salvage stops without changing anything and says so: a plain
+  ``--repair`` cuts there instead;
+* a torn tail at the end of the newest segment (a write never acknowledged) is dropped,
+  as the engine drops it.
+
+A reader of a salvaged directory sees the placeholder instead of a gap. Segments are
+rewritten through ``<segment>.tmp`` and an atomic rename, after the derived files are
+deleted, so that an interrupted salvage leaves either the old segment or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from dataclasses import dataclass, field
+from itertools import accumulate
+from pathlib import Path
+
+from .. import format as fmt
+from ..errors import InvalidArgument
+from ..files import TEMP_SUFFIX, fsync_directory, segment_path
+from ..names import check_stream_name, quoted
+from ..recovery import (BadRecord, ScannedRecord, _frame_matches, check_record,
+                        valid_record_after)
+from .chunks import segment_version
+
+#: The event name of a placeholder.
+PLACEHOLDER_NAME = b"$damaged"
+
+
+@dataclass
+class Replaced:
+    """Events ``first`` .. ``last`` of a stream replaced by placeholders, at global
+    positions ``position`` .. ``position + last - first``."""
+
+    stream: bytes
+    first: int
+    last: int
+    position: int
+    why: str
+
+    def describe(self) -> str:
+        what = f"event {self.first}" if self.first == self.last else \
+            f"events {self.first}..{self.last}"
+        where = f"position {self.position}" if self.first == self.last else \
+            f"positions {self.position}..{self.position + self.last - self.first}"
+        return f"{what} of stream {quoted(self.stream)} ({where}): {self.why}"
+
+    def to_dict(self) -> dict:
+        return {"stream": self.stream.decode("utf-8", "replace"), "first": self.first,
+                "last": self.last, "count": self.last - self.first + 1,
+                "position": self.position, "why": self.why}
+
+
+@dataclass
+class SalvageResult:
+    """What a salvage replaced, lost and rewrote; ``error`` if it could not be done."""
+
+    replaced: list[Replaced] = field(default_factory=list)
+    #: (segment, start, end): bytes no record could be read from.
+    lost: list[tuple[Path, int, int]] = field(default_factory=list)
+    #: A torn tail dropped at the end of the log: (segment, offset, bytes).
+    torn: tuple[Path, int, int] | None = None
+    rewritten: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def replaced_count(self) -> int:
+        return sum(r.last - r.first + 1 for r in self.replaced)
+
+    def to_dict(self) -> dict:
+        return {"replaced": [r.to_dict() for r in self.replaced],
+                "replaced_count": self.replaced_count,
+                "lost": [{"file": p.name, "start": a, "end": b, "bytes": b - a}
+                         for p, a, b in self.lost],
+                "torn": None if self.torn is None else {
+                    "file": self.torn[0].name, "offset": self.torn[1], "bytes": self.torn[2]},
+                "rewritten": self.rewritten, "notes": self.notes, "error": self.error}
+
+
+class SalvageRefused(Exception):
+    """The log after the damage does not say what was lost: nothing is changed."""
+
+
+@dataclass
+class _Claim:
+    """What an untrusted record header says of its events, when it agrees with the log."""
+
+    stream: bytes
+    sid: int
+    first: int
+    count: int
+    timestamp_ms: int
+
+
+class _Salvager:
+    def __init__(self, directory: Path, bases: list[int], cut: tuple[int, int],
+                 cut_is_torn: bool) -> None:
+        self.directory = directory
+        self.bases = bases
+        self.cut = cut
+        self.cut_is_torn = cut_is_torn
+        #: What the header at the start of the current lost span names, if trusted.
+        self.claim: _Claim | None = None
+        self.result = SalvageResult()
+        self.names: list[bytes] = []
+        self.ids: dict[bytes, int] = {}
+        self.next_number: list[int] = []
+        self.position = 0
+        self.timestamp_ms = 0
+
+    # -- the log before the cut: the state the rest must agree with -------------------------
+
+    def _learn(self, record: ScannedRecord) -> None:
+        header = record.header
+        sid = header.stream_id
+        if sid == len(self.names):
+            self.names.append(record.stream)
+            self.ids[record.stream] = sid
+            self.next_number.append(0)
+        self.next_number[sid] = header.first_number + header.count
+        self.position = header.base_position + header.count
+        self.timestamp_ms = header.timestamp_ms
+
+    def _consistent(self, header: fmt.RecordHeader, stream: bytes) -> bool:
+        """Whether a record (trusted or claimed) continues the log as it stands."""
+        sid = header.stream_id
+        if header.base_position != self.position:
+            return False
+        if sid < len(self.names):
+            return self.names[sid] == stream and header.first_number == self.next_number[sid]
+        return sid == len(self.names) and stream not in self.ids and header.first_number == 0
+
+    def run(self) -> tuple[SalvageResult, list[tuple[Path, bytes]]]:
+        k, cut = self.cut
+        outputs: list[tuple[Path, bytes]] = []
+        for j, base in enumerate(self.bases):
+            path = segment_path(self.directory, base)
+            with open(path, "rb") as handle:
+                raw = handle.read()
+            version = segment_version(path)
+            if j < k:
+                for record in _records(raw, fmt.SEGMENT_HEADER_SIZE, len(raw), version):
+                    self._learn(record)
+                continue
+            if version is None or fmt.decode_segment_header(raw).base_position != base:
+                raise SalvageRefused(f"{path.name}: its segment header is damaged; salvage"
+                                     " keeps segments whose header is whole")
+            start = fmt.SEGMENT_HEADER_SIZE
+            if j == k:
+                for record in _records(raw, start, cut, version):
+                    self._learn(record)
+                start = cut
+            out = bytearray(raw[:start])
+            newest = j == len(self.bases) - 1
+            self._salvage_segment(path, raw, start, version, out, newest, j)
+            if bytes(out) != raw:
+                outputs.append((path, bytes(out)))
+        return self.result, outputs
+
+    # -- from the cut on ---------------------------------------------------------------------
+
+    def _salvage_segment(self, path: Path, raw: bytes, at: int, version: int, out: bytearray,
+                         newest: bool, j: int) -> None:
+        end = len(raw)
+        while at < end:
+            found = check_record(raw, at, end, deep=True, version=version)
+            if isinstance(found, ScannedRecord):
+                header = found.header
+                if header.base_position > self.position:
+                    self._fill_gap(out, header.base_position, (j, at), version)
+                if not self._consistent(header, found.stream):
+                    raise SalvageRefused(
+                        f"{path.name} offset {at}: a record of stream {quoted(found.stream)}"
+                        f" (number {header.first_number}, position {header.base_position})"
+                        " contradicts the log before it")
+                out += raw[at:found.end]
+                self._learn(found)
+                at = found.end
+                continue
+            after = valid_record_after(raw, at, end, min_position=self.position + 1,
+                                       version=version)
+            if newest and after is None and self.claim is None and (
+                    (j, at) != self.cut or self.cut_is_torn):
+                # Nothing after it: the write a crash cut, never acknowledged.
+                self.result.torn = (path, at, end - at)
+                return
+            if found.event is not None and self._consistent(found.header, found.stream):
+                out += self._mend(raw, at, found)
+                at += found.header.size
+                continue
+            # The header is not to be trusted: resynchronise on the next record the log
+            # wrote after this one.
+            if self.claim is None:
+                self.claim = self._claim(raw, at, end)
+            stop = end if after is None else after
+            self.result.lost.append((path, at, stop))
+            at = stop
+        if newest and self.claim is not None:
+            # Lost bytes at the very end of the log: only what their header names.
+            self._fill_gap(out, self.position + self.claim.count, None, version)
+
+    def _claim(self, raw: bytes, at: int, end: int) -> _Claim | None:
+        """The events a damaged header names, if the header agrees with the log."""
+        if end - at < fmt.RECORD_HEADER_SIZE:
+            return None
+        header = fmt.decode_record_header(raw, at)
+        name_at = at + fmt.RECORD_HEADER_SIZE
+        if header.magic != fmt.RECORD_MAGIC or not 1 <= header.stream_name_length <= 255 \
+                or not 1 <= header.count <= 1 << 24:
+            return None
+        stream = bytes(raw[name_at:name_at + header.stream_name_length])
+        try:
+            check_stream_name(stream)
+        except InvalidArgument:
+            return None
+        if not self._consistent(header, stream):
+            return None
+        return _Claim(stream, header.stream_id, header.first_number, header.count,
+                      header.timestamp_ms)
+
+    def _mend(self, raw: bytes, at: int, bad: BadRecord) -> bytes:
+        """A record whose header and lengths check, its bad frames replaced."""
+        header = bad.header
+        events = []
+        prefix = fmt.stream_frame_prefix(bad.stream)
+        for i, ((frame_at, frame_len), data_len, check) in enumerate(
+                _framing(raw, at, header)):
+            number = header.first_number + i
+            frame = raw[frame_at:frame_at + frame_len]
+            if fmt.frame_check(frame) == check and _frame_matches(
+                    raw, frame_at, frame_len, data_len, prefix, number):
+                name_at = len(prefix) + len(b"%d" % number) + 3  # after ":<number>\r\n+"
+                name_end = frame.index(b"\r\n", name_at)
+                events.append((frame[name_at:name_end],
+                               frame[frame_len - 2 - data_len:frame_len - 2]))
+            else:
+                events.append((PLACEHOLDER_NAME, b""))
+                self._replaced(bad.stream, number, header.base_position + i,
+                               "its frame failed its check")
+        self._learn(ScannedRecord(at, header, bad.stream))
+        return fmt.encode_record(bad.stream, header.stream_id, header.base_position,
+                                 header.first_number, events, timestamp_ms=header.timestamp_ms,
+                                 version=header.version).data
+
+    def _replaced(self, stream: bytes, number: int, position: int, why: str,
+                  count: int = 1) -> None:
+        last = self.result.replaced[-1] if self.result.replaced else None
+        if last is not None and last.stream == stream and last.why == why and \
+                last.last + 1 == number and last.position + last.last - last.first + 1 == position:
+            last.last += count
+        else:
+            self.result.replaced.append(Replaced(stream, number, number + count - 1, position,
+                                                 why))
+
+    def _fill_gap(self, out: bytearray, until: int, ahead: tuple[int, int] | None,
+                  version: int) -> None:
+        """Placeholders for positions ``self.position`` .. ``until - 1``: first what the
+        damaged header names, then what the records after the gap show missing."""
+        claim, self.claim = self.claim, None
+        if claim is not None and claim.count <= until - self.position:
+            self._placeholders(out, claim.sid, claim.stream, claim.count, version,
+                               "named by its damaged record header")
+        lost = until - self.position
+        if not lost:
+            return
+        plan = self._attribute(lost, ahead)
+        self.result.notes.append(
+            f"positions {self.position}..{until - 1} were lost with their record headers;"
+            " the records after them say whose they were, not in which order: the"
+            " placeholders are laid out stream by stream, in stream-id order")
+        for sid, stream, count in plan:
+            self._placeholders(out, sid, stream, count, version,
+                               "missing from the stream's numbering after lost bytes")
+
+    def _placeholders(self, out: bytearray, sid: int, stream: bytes, count: int,
+                      version: int, why: str) -> None:
+        number = 0 if sid == len(self.names) else self.next_number[sid]
+        record = fmt.encode_record(stream, sid, self.position, number,
+                                   [(PLACEHOLDER_NAME, b"")] * count,
+                                   timestamp_ms=self.timestamp_ms, version=version)
+        self._replaced(stream, number, self.position, why, count)
+        out += record.data
+        scanned = check_record(record.data, 0, len(record.data))
+        assert isinstance(scanned, ScannedRecord), scanned
+        self._learn(scanned)
+
+    def _attribute(self, lost: int, ahead: tuple[int, int] | None
+                   ) -> list[tuple[int, bytes, int]]:
+        """Which streams the ``lost`` positions belonged to, from the records after them."""
+        expected = self.next_number
+        names = self.names
+        missing: dict[int, int] = {}
+        new: dict[int, bytes] = {}
+        if ahead is not None:
+            j, at = ahead
+            for k in range(j, len(self.bases)):
+                path = segment_path(self.directory, self.bases[k])
+                with open(path, "rb") as handle:
+                    raw = handle.read()
+                start = at if k == j else fmt.SEGMENT_HEADER_SIZE
+                for record in _records(raw, start, len(raw), segment_version(path)):
+                    header = record.header
+                    sid = header.stream_id
+                    if sid in missing or sid in new:
+                        continue
+                    if sid < len(names):
+                        if names[sid] != record.stream:
+                            break
+                        missing[sid] = header.first_number - expected[sid]
+                    else:
+                        new[sid] = record.stream
+                        missing[sid] = header.first_number
+                    if sum(missing.values()) >= lost:
+                        break
+                if sum(missing.values()) >= lost:
+                    break
+        accounted = sum(n for n in missing.values() if n > 0)
+        if accounted != lost or any(n < 0 for n in missing.values()) or \
+                sorted(new) != list(range(len(names), len(names) + len(new))):
+            raise SalvageRefused(
+                f"{lost} events were lost with their record headers at position"
+                f" {self.position}, and the records after"
+                f" them account for {accounted}: salvage cannot say whose they were"
+                " (--repair without --salvage cuts the log there)")
+        return [(sid, new.get(sid) or names[sid], n)
+                for sid, n in sorted(missing.items()) if n > 0]
+
+
+def _framing(raw: bytes, at: int, header: fmt.RecordHeader
+             ) -> list[tuple[tuple[int, int], int, int]]:
+    """((frame offset, length), data length, frame check) per event of a format 3 record
+    whose header and lengths check."""
+    table_at = at + fmt.RECORD_HEADER_SIZE + header.stream_name_length
+    table = array("I")
+    table.frombytes(raw[table_at:table_at + fmt.EVENT_ENTRY_SIZE * header.count])
+    lengths = table[0::3].tolist()
+    offsets = accumulate(lengths, initial=table_at + fmt.EVENT_ENTRY_SIZE * header.count)
+    return list(zip(zip(offsets, lengths), table[1::3].tolist(), table[2::3].tolist()))
+
+
+def _records(raw: bytes, start: int, end: int, version: int | None):
+    """The valid records of ``raw[start:end]`` up to the first that is not."""
+    at = start
+    while at < end:
+        found = check_record(raw, at, end, version=version)
+        if not isinstance(found, ScannedRecord):
+            return
+        yield found
+        at = found.end
+
+
+def plan(directory: Path, bases: list[int], cut: tuple[int, int], cut_is_torn: bool
+         ) -> tuple[SalvageResult, list[tuple[Path, bytes]]]:
+    """What salvaging the log from ``cut`` (segment index, offset) would write, as
+    (what it replaces and loses, [(segment, its new bytes)]); changes nothing.
+
+    Raises :class:`SalvageRefused` when the log after the damage does not say what
+    was lost."""
+    return _Salvager(directory, bases, cut, cut_is_torn).run()
+
+
+def write(outputs: list[tuple[Path, bytes]], result: SalvageResult) -> None:
+    """Replace each segment by its salvaged bytes: ``<segment>.tmp``, fsync, rename."""
+    for path, data in outputs:
+        temp = path.with_name(path.name + TEMP_SUFFIX)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+        result.rewritten.append(path.name)
+    if outputs:
+        fsync_directory(outputs[0][0].parent)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
