@@ -160,7 +160,8 @@ class RequestParser:
         #: Not None: the checked path (module doc) holds these bytes, which start at a
         #: request boundary and which hiredis has not seen; hiredis then holds nothing.
         self._checked: bytearray | None = None
-        #: The last bytes handed to hiredis, to find a header split across two reads.
+        #: The last bytes handed to hiredis since the last clean boundary, to find a
+        #: header split across reads.
         self._tail = b""
 
     def feed(self, data: bytes | memoryview) -> list[list[bytes]]:
@@ -203,12 +204,15 @@ class RequestParser:
         ``_forget_partial``), is copied to ``_partial`` by ``_hold`` too, and so not at
         all when it holds only canonically encoded requests, ending with the last.
         """
+        fresh_read = self._clean
         if _needs_checking(data) or (
-                not self._clean and _needs_checking(self._tail + data[:_TAIL])):
+                not fresh_read and _needs_checking(self._tail + data[:_TAIL])):
             return self._check_from_here(data)
         reader = self._reader
         reader.feed(data)
-        self._tail = data[-_TAIL:]
+        # The last bytes hiredis has, whatever the sizes of the reads that brought them
+        # (reads of a byte or two must not let a header through in pieces).
+        self._tail = (self._tail + data[-_TAIL:])[-_TAIL:] if not fresh_read else data[-_TAIL:]
         fresh = self._clean
         if not fresh:
             self._partial += data

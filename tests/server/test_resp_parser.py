@@ -358,3 +358,30 @@ def test_a_resp3_aggregate_where_a_request_starts_is_inline_wherever_reads_end(m
         for reads in ([data[:cut], data[cut:]], [data[:cut // 2], data[cut // 2:cut], data[cut:]]):
             parser = resp.RequestParser(max_bulk=MAX_BULK)
             assert feed(parser, *reads) == expected, (cut, reads)
+
+
+@pytest.mark.parametrize("attack, reason", HUGE_HEADERS)
+def test_a_huge_header_arriving_a_byte_or_two_at_a_time_never_reaches_hiredis(attack, reason):
+    # Found by review: only the last read's bytes were kept to search across reads, so
+    # reads of 1-3 bytes let '*' and its digits reach hiredis separately.
+    before = vm_size_kib()
+    for size in (1, 2, 3):
+        parser = resp.RequestParser(max_bulk=MAX_BULK)
+        data = command(*PUBLISH)[:-3]  # a request in progress: hiredis holds part of it
+        rest = command(*PUBLISH)[-3:] + attack
+        assert parser.feed(data) == []
+        with pytest.raises(resp.ProtocolError) as refused:
+            for at in range(0, len(rest), size):
+                parser.feed(rest[at:at + size])
+        assert refused.value.reason == reason, (size, refused.value.reason)
+        assert vm_size_kib() - before < 512 * 1024, f"hiredis reserved memory (reads of {size})"
+
+
+def test_a_resp3_aggregate_arriving_a_byte_at_a_time_is_inline():
+    aggregate = b"~2\r\n$4\r\nping\r\n$1\r\nx\r\n"
+    data = command(*PING)[:-1]
+    parser = resp.RequestParser(max_bulk=MAX_BULK)
+    got = parser.feed(data)
+    for byte in (command(*PING)[-1:] + aggregate + command(*PING)):
+        got += parser.feed(bytes([byte]))
+    assert got == [PING] + [[line] for line in aggregate.split(b"\r\n")[:-1]] + [PING]
