@@ -16,6 +16,7 @@ import json
 
 import pytest
 
+from meilies.engine import Engine
 from meilies.engine import format as fmt
 from meilies.engine.recovery import ScannedRecord, check_record
 
@@ -216,3 +217,87 @@ def test_salvage_without_repair_is_a_usage_error(tmp_path):
     write_events(data_dir, streams=2, batches=2)
     done = run_fsck(data_dir, "--salvage")
     assert done.returncode == 2 and "--salvage works with --repair" in done.stderr
+
+
+# -- salvage at segment boundaries and other edges (found in review) -----------------------------
+
+
+def small_segments(data_dir):
+    """18 records of 10 events, over three streams, two records a segment."""
+    with Engine.open(data_dir, fsync="no", segment_size=3000) as engine:
+        for i in range(18):
+            engine.append(b"s%d" % (i % 3), [(b"e", b"x" * 60)] * 10)
+    return read_all(data_dir)
+
+
+def records_of(segment):
+    raw = segment.read_bytes()
+    at, out = fmt.SEGMENT_HEADER_SIZE, []
+    while at < len(raw):
+        out.append(check_record(raw, at, len(raw)))
+        at = out[-1].end
+    return out
+
+
+def in_lengths(record) -> int:
+    return record.offset + fmt.RECORD_HEADER_SIZE + record.header.stream_name_length + 12 * 3
+
+
+def placeholders(events, *records):
+    expected = list(events)
+    for record in records:
+        header = record.header
+        for i in range(header.count):
+            expected[header.base_position + i] = (record.stream, header.first_number + i,
+                                                  PLACEHOLDER, b"")
+    return expected
+
+
+def test_salvage_of_the_last_record_of_a_sealed_segment_stays_in_that_segment(tmp_path):
+    data_dir = tmp_path / "data"
+    events = small_segments(data_dir)
+    segments = segment_files(data_dir)
+    last = records_of(segments[0])[-1]
+    flip_byte(segments[0], in_lengths(last))
+    done = run_fsck(data_dir, "--repair", "--salvage")
+    assert done.returncode == 0, done.stdout
+    assert [p.name for p in segment_files(data_dir)] == [p.name for p in segments]
+    assert read_all(data_dir) == placeholders(events, last)
+
+
+def test_salvage_of_damage_spanning_two_segments(tmp_path):
+    data_dir = tmp_path / "data"
+    events = small_segments(data_dir)
+    segments = segment_files(data_dir)
+    end_of_one, start_of_next = records_of(segments[1])[-1], records_of(segments[2])[0]
+    flip_byte(segments[1], in_lengths(end_of_one))
+    flip_byte(segments[2], in_lengths(start_of_next))
+    done = run_fsck(data_dir, "--repair", "--salvage")
+    assert done.returncode == 0, done.stdout
+    assert read_all(data_dir) == placeholders(events, end_of_one, start_of_next)
+
+
+def test_salvage_refuses_a_missing_segment_and_a_damaged_new_stream_name(tmp_path):
+    data_dir = tmp_path / "data"
+    small_segments(data_dir)
+    segment_files(data_dir)[2].unlink()
+    done = run_fsck(data_dir, "--repair", "--salvage")
+    assert done.returncode == 1 and "salvage refused, nothing was changed" in done.stdout
+    # A damaged name in a new stream's first record could be a stream that never was.
+    other = tmp_path / "other"
+    with Engine.open(other, fsync="no") as engine:
+        for stream in (b"s0", b"qq", b"s0"):
+            engine.append(stream, [(b"e", b"1")] * 3)
+    [segment] = segment_files(other)
+    flip_byte(segment, records_of(segment)[1].offset + fmt.RECORD_HEADER_SIZE)
+    done = run_fsck(other, "--repair", "--salvage")
+    assert done.returncode == 1 and "salvage refused, nothing was changed" in done.stdout
+
+
+def test_salvage_of_a_torn_newest_segment_header_drops_it_as_repair_does(tmp_path):
+    data_dir = tmp_path / "data"
+    events = small_segments(data_dir)
+    (data_dir / ("%020d.seg" % len(events))).write_bytes(b"MEILIESG\x03\x00")
+    done = run_fsck(data_dir, "--repair", "--salvage")
+    assert done.returncode == 0, done.stdout
+    assert read_all(data_dir) == events

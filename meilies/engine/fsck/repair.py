@@ -53,6 +53,9 @@ def _salvage(directory: Path, report: FsckReport, bases: list[int]) -> None:
     if removal is None or removal.cut is None:  # only derived files were bad
         _delete_derived(directory, repair)
         return
+    if removal.torn:  # a write never acknowledged: dropping it is all there is to do
+        _remove(directory, report)
+        return
     try:
         result, outputs = salvage.plan(directory, bases, removal.cut, removal.torn)
     except salvage.SalvageRefused as exc:

@@ -151,6 +151,11 @@ class _Salvager:
 
     def run(self) -> tuple[SalvageResult, list[tuple[Path, bytes]]]:
         k, cut = self.cut
+        if cut < fmt.SEGMENT_HEADER_SIZE:
+            raise SalvageRefused(
+                f"{segment_path(self.directory, self.bases[k]).name}: the damage is its"
+                " segment header (or a segment before it is missing); salvage keeps"
+                " segments whose header is whole")
         outputs: list[tuple[Path, bytes]] = []
         for j, base in enumerate(self.bases):
             path = segment_path(self.directory, base)
@@ -172,9 +177,45 @@ class _Salvager:
             out = bytearray(raw[:start])
             newest = j == len(self.bases) - 1
             self._salvage_segment(path, raw, start, version, out, newest, j)
+            if not newest and self.position < self.bases[j + 1]:
+                # Lost bytes ran to the end of this segment: the positions before the
+                # next segment's base get their placeholders here, in this segment.
+                self._fill_gap(out, self.bases[j + 1], (j + 1, fmt.SEGMENT_HEADER_SIZE),
+                               version)
             if bytes(out) != raw:
                 outputs.append((path, bytes(out)))
+        self._check_plan(outputs)
         return self.result, outputs
+
+    def _check_plan(self, outputs: list[tuple[Path, bytes]]) -> None:
+        """Walk the log as it would be after the salvage, from the cut segment on: every
+        record valid, positions dense across segments, each segment at its base. A plan
+        that fails is a bug here, and refused rather than written."""
+        k = self.cut[0]
+        planned = dict(outputs)
+        position = None
+        for j in range(k, len(self.bases)):
+            path = segment_path(self.directory, self.bases[j])
+            raw = planned.get(path)
+            if raw is None:
+                raw = path.read_bytes()
+            if position is not None and position != self.bases[j]:
+                raise SalvageRefused(f"the salvaged log would not be dense at {path.name}"
+                                     f" (position {position}): nothing was changed")
+            position = self.bases[j] if position is None else position
+            at, version = fmt.SEGMENT_HEADER_SIZE, segment_version(path)
+            while at < len(raw):
+                found = check_record(raw, at, len(raw), version=version)
+                if not isinstance(found, ScannedRecord):
+                    if j == len(self.bases) - 1 and self.result.torn is not None:
+                        break
+                    raise SalvageRefused(f"the salvaged {path.name} would not verify at"
+                                         f" offset {at} ({found.reason}): nothing was changed")
+                if found.header.base_position != position:
+                    raise SalvageRefused(f"the salvaged {path.name} would not be dense"
+                                         f" at offset {at}: nothing was changed")
+                position = found.header.base_position + found.header.count
+                at = found.end
 
     # -- from the cut on ---------------------------------------------------------------------
 
@@ -232,7 +273,9 @@ class _Salvager:
             check_stream_name(stream)
         except InvalidArgument:
             return None
-        if not self._consistent(header, stream):
+        if header.stream_id >= len(self.names) or not self._consistent(header, stream):
+            # A new stream's name in a damaged header could be the damage itself: a
+            # stream that never existed. Only the name the log already knows is trusted.
             return None
         return _Claim(stream, header.stream_id, header.first_number, header.count,
                       header.timestamp_ms)
