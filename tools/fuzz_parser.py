@@ -9,7 +9,8 @@ inputs that reach new branches of ``meilies/server/resp.py`` and
     input seeds where it is cut into reads; the rest is the byte stream. What must hold
     for every input:
 
-    - cut anywhere, the same requests come out as for the whole stream in one read, in
+    - cut anywhere (up to 6 reads, or reads of 1 to 3 bytes), the same requests come
+      out as for the whole stream in one read, in
       the same order, up to what is still pending at its end (a complete inline line
       after an incomplete bulk may wait for the next read); if both are refused
       (``ProtocolError``), the requests before the refusal are the same;
@@ -60,7 +61,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-#: The reads an input is cut into, at most.
+#: The reads an input is cut into, at most (besides the byte-by-byte cut).
 MOST_READS = 6
 MAX_BULK = 64 * 1024
 
@@ -96,6 +97,9 @@ def cut(data: bytes) -> tuple[bytes, list[bytes]]:
     if not data:
         return b"", []
     stream = data[1:]
+    if data[0] >= 0xF0:  # one in 16 inputs: reads of 1 to 3 bytes (a slow client)
+        size = data[0] - 0xEF if data[0] < 0xF3 else 1
+        return stream, [stream[i:i + size] for i in range(0, len(stream), size)]
     rng = random.Random(data[0])
     count = min(rng.randrange(1, MOST_READS + 1), len(stream) or 1)
     points = sorted(rng.sample(range(1, len(stream)), count - 1)) if len(stream) > count else []
@@ -294,8 +298,8 @@ def main() -> int:
     parser.add_argument("--replay", type=Path, nargs="+", help="run these inputs once")
     parser.add_argument("--coverage", action="store_true",
                         help="with --replay: print line coverage of the request path")
-    parser.add_argument("--vm-growth-mib", type=int, default=1024,
-                        help="most address space an input may add (default 1024 MiB)")
+    parser.add_argument("--vm-growth-mib", type=int, default=256,
+                        help="most address space an input may add (default 256 MiB)")
     args, libfuzzer_args = parser.parse_known_args()
     libfuzzer_args = [a for a in libfuzzer_args if a != "--"]
 
