@@ -1,0 +1,356 @@
+"""Read planning: which stored frames a read returns, and where they lie in the log.
+
+Three kinds of read, all over the segments' indexes and never over the records
+themselves: a stream's events by number (``stream_frames``, ``stream_spans``,
+``read_stream``), and the whole log by global position (``all_frames``, ``all_spans``,
+``read_all``). The ``*_frames`` readers return a view per frame, the ``*_spans``
+readers as few views as the log allows (a batch's frames lie back to back: spans.py),
+which is what a subscriber is sent; both are bounded per call by a count and a byte
+budget, so that what one reader holds stays small, and say where to go on from. The
+``read_*`` iterators decode :class:`Event` objects for in-process users and tools.
+
+``Engine`` (log.py) exposes these as its methods; this module reads its segments,
+stream table, segment bases and visible position, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+from array import array
+from collections.abc import Iterator
+from itertools import accumulate
+from typing import TYPE_CHECKING, NamedTuple
+
+from . import format as fmt
+from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, WORDS_PER_ENTRY,
+                    ActiveIndex, SealedIndex)
+from .segment import Segment
+from .spans import plan_spans, runs
+
+if TYPE_CHECKING:
+    from .log import Engine
+
+#: Per-call caps of the frame readers: bound what one reader holds in memory.
+DEFAULT_MAX_EVENTS = 4096
+DEFAULT_MAX_BYTES = 1024 * 1024
+#: The byte budget of an ``all_spans`` read without one: the largest record body.
+_NO_BUDGET = fmt.MAX_BODY_LENGTH
+
+
+class Event(NamedTuple):
+    """One stored event. ``data`` is a zero-copy view of the log where possible.
+
+    A named tuple, not a dataclass: readers build one per event, and a frozen
+    dataclass costs several times as much to construct.
+    """
+
+    stream: bytes
+    number: int
+    name: bytes
+    data: memoryview | bytes
+    #: Global position; known when read through :meth:`Engine.read_all`, else None.
+    position: int | None = None
+
+
+def stream_frames(engine: Engine, stream: bytes | int, start: int, stop: int | None = None, *,
+                  max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES
+                  ) -> tuple[list[memoryview], int]:
+    """Stored RESP frames of events ``start`` .. ``stop-1`` of a stream, in order.
+
+    Returns at most ``max_events`` frames and about ``max_bytes`` (always at least
+    one frame when any is due), and the number after the last returned: call again
+    from there. The frames are zero-copy views of the log.
+    """
+    spans, number = _stream_locations(engine, stream, start, stop, max_events, max_bytes)
+    frames: list[memoryview] = []
+    for segment, offsets, lengths in spans:
+        view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+        frames += [view[o:o + n] for o, n in zip(offsets, lengths)]
+    return frames, number
+
+def stream_spans(engine: Engine, stream: bytes | int, start: int, stop: int | None = None, *,
+                 max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES
+                 ) -> tuple[list[memoryview], int]:
+    """The frames of :func:`stream_frames`, in as few views of the log as it allows.
+
+    Each view holds one or more whole frames that lie back to back in the log (a
+    record's frames do, from format version 2 on), so the views joined are the
+    frames joined; what a subscriber is sent. A batch costs one view, and no
+    Python work per event (spans.py).
+    """
+    found = _stream_range(engine, stream, start, stop, max_events)
+    if found is None:
+        return [], start
+    sid, end, k = found
+    segments = engine.segments
+    views: list[memoryview] = []
+    size = 0
+    number = start
+    while k < len(segments) and number < end:
+        segment = segments[k]
+        k += 1
+        first, available, taken, starts, ends = _segment_stream_plan(
+            segment, sid, number, end, max_bytes - size, not views)
+        if taken:
+            view = memoryview(segment.buffer(ends[-1]))
+            views += [view[a:b] for a, b in zip(starts, ends)]
+            size += sum(ends) - sum(starts)
+            number = first + taken
+        if taken < available:  # the budget ran out inside this segment
+            break
+    return views, number
+
+def _stream_range(engine: Engine, stream: bytes | int, start: int, stop: int | None,
+                  max_events: int) -> tuple[int, int, int] | None:
+    """(stream id, number to stop before, first segment to look in) of a read, or
+    None when it has nothing to return."""
+    engine._check_open()
+    sid = stream if isinstance(stream, int) else engine.streams.ids.get(stream)
+    if sid is None:
+        return None
+    end = engine.streams.visible_next[sid]
+    if stop is not None and stop < end:
+        end = stop
+    if start >= end:
+        return None
+    if end - start > max_events:
+        end = start + max_events
+    k = bisect.bisect_right(engine._bases, engine.streams.first_position[sid]) - 1
+    return sid, end, k
+
+def _stream_locations(engine: Engine, stream: bytes | int, start: int, stop: int | None,
+                      max_events: int, max_bytes: int
+                      ) -> tuple[list[tuple[Segment, list[int], list[int]]], int]:
+    """Where the frames of :func:`stream_frames` are: (segment, offsets, lengths)."""
+    found = _stream_range(engine, stream, start, stop, max_events)
+    if found is None:
+        return [], start
+    sid, end, k = found
+    segments = engine.segments
+    spans = []
+    size = 0
+    number = start
+    while k < len(segments) and number < end:
+        segment = segments[k]
+        k += 1
+        first, offsets, lengths = _segment_stream_frames(segment, sid, number, end)
+        if not offsets:
+            continue
+        total = sum(lengths)
+        if size + total > max_bytes:
+            allowed = bisect.bisect_right(list(accumulate(lengths)), max_bytes - size)
+            allowed = max(allowed, 0 if spans else 1)
+            if allowed:
+                spans.append((segment, offsets[:allowed], lengths[:allowed]))
+            number = first + allowed
+            break
+        spans.append((segment, offsets, lengths))
+        size += total
+        number = first + len(offsets)
+    return spans, number
+
+def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
+                         budget: int, at_least_one: bool
+                         ) -> tuple[int, int, int, list[int], list[int]]:
+    """Plan reading numbers [start, end) of a stream from one segment within
+    ``budget`` bytes: (first number there, frames available, frames taken, and the
+    starts and ends of the byte ranges that hold them; see spans.plan_spans)."""
+    index = segment.index
+    if isinstance(index, ActiveIndex):
+        run = index.streams.get(sid)
+        if run is None:
+            return start, 0, 0, [], []
+        first_number = run[0]
+        lo = max(start, first_number)
+        hi = min(end, first_number + (len(run) - 1) // 2)
+        if hi <= lo:
+            return start, 0, 0, [], []
+        # Released before returning: appends grow the run, which a live view forbids.
+        with memoryview(run) as view:
+            taken, starts, ends = plan_spans(view, 1 + 2 * (lo - first_number),
+                                             2 + 2 * (lo - first_number), 2, hi - lo,
+                                             budget, at_least_one)
+        return lo, hi - lo, taken, starts, ends
+    stream_index = segment.stream_index
+    i, j = stream_index.stream_run(sid)
+    if i == j:
+        return start, 0, 0, [], []
+    first_number = stream_index.entry(i)[4]
+    lo = max(start, first_number)
+    hi = min(end, first_number + (j - i))
+    if hi <= lo:
+        return start, 0, 0, [], []
+    taken, starts, ends = _plan_entries(stream_index.buffer, i + lo - first_number,
+                                        hi - lo, budget, at_least_one)
+    return lo, hi - lo, taken, starts, ends
+
+def _segment_stream_frames(segment: Segment, sid: int, start: int, end: int
+                           ) -> tuple[int, list[int], list[int]]:
+    index = segment.index
+    if isinstance(index, ActiveIndex):
+        return index.stream_frames(sid, start, end)
+    i, j = segment.stream_index.stream_run(sid)
+    if i == j:
+        return start, [], []
+    first_number = segment.stream_index.entry(i)[4]
+    lo = max(start, first_number)
+    hi = min(end, first_number + (j - i))
+    if hi <= lo:
+        return start, [], []
+    offsets, lengths = segment.stream_index.frames(i + lo - first_number,
+                                                   i + hi - first_number)
+    return lo, offsets, lengths
+
+def all_frames(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
+               min_number: int = 0, max_number: int | None = None,
+               max_bytes: int | None = None) -> tuple[list[memoryview], int]:
+    """Frames from global ``position`` on (one segment at most per call).
+
+    Only events whose per-stream number is in [min_number, max_number) are
+    returned; the position after the last event examined comes back with them.
+    With ``max_bytes``, reading stops after about that many bytes of frames.
+    """
+    segment, offsets, lengths, after = _all_locations(engine, position, max_events, min_number,
+                                                           max_number, max_bytes)
+    if not offsets:
+        return [], after
+    view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+    return [view[o:o + n] for o, n in zip(offsets, lengths)], after
+
+def all_spans(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
+              min_number: int = 0, max_number: int | None = None,
+              max_bytes: int | None = None) -> tuple[list[memoryview], int]:
+    """The frames of :func:`all_frames`, in as few views as the log allows (see
+    :func:`stream_spans`)."""
+    if min_number != 0 or max_number is not None:  # numbers to filter: entry by entry
+        segment, offsets, lengths, after = _all_locations(engine, 
+            position, max_events, min_number, max_number, max_bytes)
+        if not offsets:
+            return [], after
+        view = memoryview(segment.buffer(offsets[-1] + lengths[-1]))
+        starts, ends = runs(array("Q", offsets), 0, 1, lengths)
+        return [view[a:b] for a, b in zip(starts, ends)], after
+    found = _all_range(engine, position, max_events)
+    if found is None:
+        return [], position
+    segment, first, stop = found
+    index = segment.index
+    buf = index.buffer if isinstance(index, SealedIndex) else index.entries
+    taken, starts, ends = _plan_entries(
+        buf, first, stop - first, _NO_BUDGET if max_bytes is None else max_bytes,
+        True)
+    view = memoryview(segment.buffer(ends[-1]))
+    return [view[a:b] for a, b in zip(starts, ends)], segment.base_position + first + taken
+
+def _all_range(engine: Engine, position: int, max_events: int) -> tuple[Segment, int, int] | None:
+    """(segment, first entry, entry to stop before) of a read of the log from global
+    ``position``, within one segment; None when there is nothing to read."""
+    engine._check_open()
+    end = engine._visible_position
+    if position >= end:
+        return None
+    k = bisect.bisect_right(engine._bases, position) - 1
+    segment = engine.segments[k]
+    first = position - segment.base_position
+    stop = min(segment.index.count, first + max_events,
+               end - segment.base_position)
+    if stop <= first:
+        return None
+    return segment, first, stop
+
+def _all_locations(engine: Engine, position: int, max_events: int, min_number: int,
+                   max_number: int | None, max_bytes: int | None
+                   ) -> tuple[Segment | None, list[int], list[int], int]:
+    found = _all_range(engine, position, max_events)
+    if found is None:
+        return None, [], [], position
+    segment, first, stop = found
+    if min_number == 0 and max_number is None:
+        offsets, lengths = segment.index.frames(first, stop)
+        kept = None
+    else:
+        buf = segment.index.buffer if isinstance(segment.index, SealedIndex) \
+            else segment.index.entries
+        offsets, lengths, kept = [], [], []
+        with memoryview(buf) as raw:
+            for i, (off, length, _sid, _delta, number) in enumerate(ENTRY.iter_unpack(
+                    raw[first * ENTRY_SIZE:stop * ENTRY_SIZE]), first):
+                if number >= min_number and (max_number is None or number < max_number):
+                    offsets.append(off)
+                    lengths.append(length)
+                    kept.append(i)
+    if max_bytes is not None and offsets and sum(lengths) > max_bytes:
+        allowed = max(1, bisect.bisect_right(list(accumulate(lengths)), max_bytes))
+        offsets, lengths = offsets[:allowed], lengths[:allowed]
+        stop = (kept[allowed - 1] if kept is not None else first + allowed - 1) + 1
+    return segment, offsets, lengths, segment.base_position + stop
+
+def read_stream(engine: Engine, stream: bytes, start: int = 0, stop: int | None = None
+                ) -> Iterator[Event]:
+    """Events ``start`` .. ``stop-1`` of ``stream`` visible now, as :class:`Event`."""
+    sid = engine.streams.ids.get(stream)
+    if sid is None:
+        return
+    number = start
+    while True:
+        spans, after = _stream_locations(engine, sid, number, stop, DEFAULT_MAX_EVENTS,
+                                              DEFAULT_MAX_BYTES)
+        if not spans:
+            return
+        for segment, offsets, lengths in spans:
+            buf = segment.buffer(offsets[-1] + lengths[-1])
+            view = memoryview(buf)
+            for offset, length in zip(offsets, lengths):
+                yield _event_at(buf, view, stream, number, offset, length, None)
+                number += 1
+
+def read_all(engine: Engine, position: int = 0) -> Iterator[Event]:
+    """Every event visible now from global ``position`` on, in position order."""
+    names = engine.streams.names
+    while True:
+        k = bisect.bisect_right(engine._bases, position) - 1
+        segment = engine.segments[k]
+        index = segment.index
+        _, _, _, after = _all_locations(engine, position, DEFAULT_MAX_EVENTS, 0, None, None)
+        if after == position:
+            return
+        buf = segment.buffer(segment.written)
+        view = memoryview(buf)
+        first = position - segment.base_position
+        for i in range(first, after - segment.base_position):
+            offset, length, sid, _delta, number = index.entry(i)
+            yield _event_at(buf, view, names[sid], number, offset, length,
+                            segment.base_position + i)
+        position = after
+
+
+def _plan_entries(buf, first: int, count: int, budget: int, at_least_one: bool
+                  ) -> tuple[int, list[int], list[int]]:
+    """:func:`spans.plan_spans` over ``count`` index entries (ENTRY's layout) of
+    ``buf`` from entry ``first``: a position index's (the active one's entries too)
+    or a stream index's."""
+    at = first * WORDS_PER_ENTRY
+    # Released before returning: the active index grows, which a live view forbids.
+    with memoryview(buf) as raw, raw.cast("I") as words:
+        return plan_spans(words, at + FRAME_OFFSET_WORD, at + FRAME_LENGTH_WORD,
+                          WORDS_PER_ENTRY, count, budget, at_least_one)
+
+
+_PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"
+
+
+def _event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, length: int,
+              position: int | None) -> Event:
+    """The event whose frame is ``buf[offset:offset + length]``, found in the frame
+    itself: the stream and number fix where the name starts; the name (which holds no
+    CR or LF) ends at the first CRLF; what follows it is ``\\r\\n$<n>\\r\\n``, the
+    data (n bytes) and ``\\r\\n``, so the n digits plus n itself fill the rest."""
+    name_start = offset + _PREFIX_LENGTH + len(stream) + len(str(number)) + 3
+    name_end = buf.find(b"\r\n", name_start, offset + length)
+    data_end = offset + length - 2
+    rest = data_end - name_end - 5  # digits + data length
+    digits = len(str(rest))
+    if len(str(rest - digits)) != digits:  # a carry: the length has one digit fewer
+        digits -= 1
+    return Event(stream, number, bytes(view[name_start:name_end]),
+                 view[name_end + 5 + digits:data_end], position)
