@@ -198,6 +198,8 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
         ("subscribers", server.notifier.subscriptions),
         ("streams", stats["streams"]),
         ("events", stats["events"]),
+        # The global position of the last event readers may see (PROTOCOL.md v2).
+        ("last_position", conn.engine.visible_position - 1),
         ("segments", stats["segments"]),
         ("disk_bytes", stats["disk_bytes"]),
         ("fsync", server.config.fsync),

@@ -275,6 +275,20 @@ def test_info_has_every_required_key_with_sensible_values(start_server):
     assert int(fields["uptime_in_seconds"]) >= 0
 
 
+def test_info_last_position_is_minus_one_when_empty_then_the_last_event_s(start_server):
+    server = start_server()
+    client = server.client()
+    assert info_fields(client)["last_position"] == "-1"
+    client.send(command("publish", "a", "e", "x") + command("append", "b", "any", "e", "y",
+                                                            "e", "z"))
+    client.expect(b"+OK\r\n:1\r\n")
+    assert info_fields(client)["last_position"] == "2"
+    client.close()
+    assert server.stop() == 0
+    server = start_server()
+    assert info_fields(server.client())["last_position"] == "2"
+
+
 def test_info_counts_live_subscriptions(server):
     client = server.client()
     watcher = server.client()
