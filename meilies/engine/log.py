@@ -41,7 +41,7 @@ from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed, 
 from .files import (DirectoryLock, checkpoint_path, fsync_directory, list_segments,
                     position_index_path, segment_path, stream_index_path)
 from .index import ENTRY_SIZE, ActiveIndex, sorted_stream_index, write_file
-from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_stream_name,
+from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_new_stream_name,
                     plain_event_name, quoted)
 from . import reads
 from .reads import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, Event
@@ -295,7 +295,7 @@ class Engine:
         if sid is None:
             # Before the expected-version check: a bad name must be refused as such,
             # and never be echoed back inside a WrongExpectedVersion message.
-            check_stream_name(stream)
+            check_new_stream_name(stream)
             current = 0
             record_sid = len(streams)
         else:

@@ -56,10 +56,22 @@ def quoted(name: bytes) -> str:
 
 
 def check_stream_name(value: bytes) -> None:
-    """Raise :class:`InvalidArgument` unless ``value`` may name a stream one publishes to."""
+    """Raise :class:`InvalidArgument` unless ``value`` may name a stream in a log: what
+    reads, subscriptions and fsck accept (a log written before names beginning with
+    ``$`` were reserved may hold one, and it stays readable)."""
     _check_name(value, "stream", _ASCII_BAD_STREAM, whitespace=True)
     if value == ALL_STREAMS:
         raise InvalidArgument("stream", "'$all' is reserved (subscribe only)")
+
+
+def check_new_stream_name(value: bytes) -> None:
+    """Raise :class:`InvalidArgument` unless a write may create a stream named ``value``:
+    as :func:`check_stream_name`, and names beginning with ``$`` are reserved for the
+    server (PROTOCOL.md, version 2: ``$all`` and what may come)."""
+    check_stream_name(value)
+    if value.startswith(b"$"):
+        raise InvalidArgument("stream", f"{quoted(value)} is reserved: stream names beginning"
+                              " with '$' are the server's")
 
 
 #: One C call that accepts the common event name, 1..255 printable ASCII bytes (a match,

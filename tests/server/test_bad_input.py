@@ -46,6 +46,8 @@ BAD_STREAM_NAMES = [
     pytest.param(("\u00e9" * 128).encode(), id="256-bytes-utf8"),
     pytest.param(b"", id="empty"),
     pytest.param(b"$all", id="reserved-all"),
+    pytest.param(b"$", id="reserved-dollar"),
+    pytest.param(b"$orders", id="reserved-dollar-prefix"),
 ]
 
 
@@ -62,7 +64,7 @@ def test_publish_to_a_bad_stream_name_is_an_error_naming_the_stream(server, name
 
 
 @pytest.mark.parametrize("name", [b"x" * 255, ("\u00e9" * 127).encode() + b"x", b"a-b_c.d/e$f",
-                                  "\u65e5\u672c".encode(), b"$allx"])
+                                  "\u65e5\u672c".encode(), b"all$x"])
 def test_publish_to_a_good_unusual_stream_name_is_stored(server, name):
     client = server.client()
     assert client.call("publish", name, "e", "x") == b"+OK\r\n"
