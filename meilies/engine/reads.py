@@ -301,7 +301,7 @@ def read_stream(engine: Engine, stream: bytes, start: int = 0, stop: int | None 
             buf = segment.buffer(offsets[-1] + lengths[-1])
             view = memoryview(buf)
             for offset, length in zip(offsets, lengths):
-                yield _event_at(buf, view, stream, number, offset, length, None)
+                yield event_at(buf, view, stream, number, offset, length, None)
                 number += 1
 
 def read_all(engine: Engine, position: int = 0) -> Iterator[Event]:
@@ -319,7 +319,7 @@ def read_all(engine: Engine, position: int = 0) -> Iterator[Event]:
         first = position - segment.base_position
         for i in range(first, after - segment.base_position):
             offset, length, sid, _delta, number = index.entry(i)
-            yield _event_at(buf, view, names[sid], number, offset, length,
+            yield event_at(buf, view, names[sid], number, offset, length,
                             segment.base_position + i)
         position = after
 
@@ -339,8 +339,8 @@ def _plan_entries(buf, first: int, count: int, budget: int, at_least_one: bool
 _PREFIX_LENGTH = len(fmt.FRAME_PREFIX) + 3  # plus the stream name: "*5 +event +<s>\r\n:"
 
 
-def _event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, length: int,
-              position: int | None) -> Event:
+def event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, length: int,
+             position: int | None) -> Event:
     """The event whose frame is ``buf[offset:offset + length]``, found in the frame
     itself: the stream and number fix where the name starts; the name (which holds no
     CR or LF) ends at the first CRLF; what follows it is ``\\r\\n$<n>\\r\\n``, the

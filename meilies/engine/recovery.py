@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import format as fmt
-from .names import quoted
+from .errors import InvalidArgument
+from .names import check_stream_name, quoted
 from .format import (EVENT_ENTRY_SIZE, EVENT_HEADER, EVENT_HEADER_SIZE, FORMAT_HISTORY,
                      RECORD_HEADER_SIZE, RECORD_MAGIC, RecordHeader)
 
@@ -96,12 +97,7 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False,
     name_at = offset + RECORD_HEADER_SIZE
     stream = bytes(buf[name_at:name_at + header.stream_name_length])
     record = ScannedRecord(offset, header, stream)
-    at = name_at + header.stream_name_length
-    record_end = offset + header.size
-    if header.version >= 3:
-        framing = _frames_v3(buf, at, record_end, count)
-    else:
-        framing = (_frames_v1 if header.version == 1 else _frames_v2)(buf, at, record_end, count)
+    framing = record_framing(buf, offset, header)
     if isinstance(framing, str):
         return BadRecord(offset, framing)
     record.frames, data_lengths, checks = framing
@@ -162,40 +158,36 @@ def _frames_v1(buf, at: int, record_end: int, count: int) -> Framing | str:
     return frames, data_lengths, None
 
 
-def _frames_v2(buf, at: int, record_end: int, count: int) -> Framing | str:
-    """A version 2 body (every event's lengths, then the frames back to back); as
-    :func:`_frames_v1`."""
-    table_end = at + EVENT_HEADER_SIZE * count
+def _frames_table(buf, at: int, record_end: int, count: int, words: int) -> Framing | str:
+    """A version 2 or 3 body (every event's lengths entry of ``words`` u32, then the
+    frames back to back); as :func:`_frames_v1`, and in version 3 (3 words: its frame's
+    check too) the checks as the third item."""
+    table_end = at + 4 * words * count
     if table_end > record_end:
         return "the frame lengths run past the record"
     table = array("I")
     table.frombytes(buf[at:table_end])
-    frame_lengths, data_lengths = table[0::2].tolist(), table[1::2].tolist()
+    frame_lengths, data_lengths = table[0::words].tolist(), table[1::words].tolist()
     offsets = list(accumulate(frame_lengths, initial=table_end))
     if offsets[-1] != record_end:
         return "record length does not match its events"
     for i, (frame_len, data_len) in enumerate(zip(frame_lengths, data_lengths)):
         if data_len + 2 > frame_len:
             return f"event {i} data runs past its frame"
-    return list(zip(offsets, frame_lengths)), data_lengths, None
+    checks = table[2::words].tolist() if words == 3 else None
+    return list(zip(offsets, frame_lengths)), data_lengths, checks
 
 
-def _frames_v3(buf, at: int, record_end: int, count: int) -> Framing | str:
-    """A version 3 body (every event's lengths and frame check, then the frames back
-    to back); as :func:`_frames_v1`, with the checks."""
-    table_end = at + EVENT_ENTRY_SIZE * count
-    if table_end > record_end:
-        return "the frame lengths run past the record"
-    table = array("I")
-    table.frombytes(buf[at:table_end])
-    frame_lengths, data_lengths = table[0::3].tolist(), table[1::3].tolist()
-    offsets = list(accumulate(frame_lengths, initial=table_end))
-    if offsets[-1] != record_end:
-        return "record length does not match its events"
-    for i, (frame_len, data_len) in enumerate(zip(frame_lengths, data_lengths)):
-        if data_len + 2 > frame_len:
-            return f"event {i} data runs past its frame"
-    return list(zip(offsets, frame_lengths)), data_lengths, table[2::3].tolist()
+def record_framing(buf, offset: int, header: RecordHeader) -> Framing | str:
+    """Where each event's frame of the record at ``offset`` lies, with its data length
+    and (format 3) its frame check, as the lengths say; or why they cannot be right.
+    Trusts the header it is given: :func:`check_record` checks it first."""
+    at = offset + RECORD_HEADER_SIZE + header.stream_name_length
+    record_end = offset + header.size
+    if header.version == 1:
+        return _frames_v1(buf, at, record_end, header.count)
+    words = EVENT_ENTRY_SIZE // 4 if header.version >= 3 else EVENT_HEADER_SIZE // 4
+    return _frames_table(buf, at, record_end, header.count, words)
 
 
 def _frame_matches(buf, at: int, length: int, data_len: int, prefix: bytes, number: int) -> bool:
@@ -243,3 +235,23 @@ def valid_record_after(buf, offset: int, end: int, *, min_position: int = 0,
         if isinstance(found, ScannedRecord) and found.header.base_position >= min_position:
             return at
         at += 1
+
+
+def claimed_header(buf, at: int, end: int) -> tuple[RecordHeader, bytes] | None:
+    """The header at ``at`` and the stream name it gives, if they are plausible: what a
+    record that fails its checks may still say of its events (magic, a name the rules
+    allow, lying within ``end``, a count in reason). Not to be trusted further than
+    the caller's own checks against the log take it."""
+    if end - at < RECORD_HEADER_SIZE:
+        return None
+    header = fmt.decode_record_header(buf, at)
+    name_at = at + RECORD_HEADER_SIZE
+    if header.magic != RECORD_MAGIC or not 1 <= header.stream_name_length <= 255 or \
+            name_at + header.stream_name_length > end or not 1 <= header.count <= 1 << 24:
+        return None
+    name = bytes(buf[name_at:name_at + header.stream_name_length])
+    try:
+        check_stream_name(name)
+    except InvalidArgument:
+        return None
+    return header, name

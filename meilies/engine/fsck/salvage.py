@@ -28,17 +28,15 @@ deleted, so that an interrupted salvage leaves either the old segment or the new
 from __future__ import annotations
 
 import os
-from array import array
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 
 from .. import format as fmt
-from ..errors import InvalidArgument
 from ..files import TEMP_SUFFIX, fsync_directory, segment_path
-from ..names import check_stream_name, quoted
+from ..names import quoted
+from ..reads import event_at
 from ..recovery import (BadRecord, ScannedRecord, _frame_matches, check_record,
-                        valid_record_after)
+                        claimed_header, record_framing, valid_record_after)
 from .chunks import segment_version
 
 #: The event name of a placeholder.
@@ -261,18 +259,10 @@ class _Salvager:
 
     def _claim(self, raw: bytes, at: int, end: int) -> _Claim | None:
         """The events a damaged header names, if the header agrees with the log."""
-        if end - at < fmt.RECORD_HEADER_SIZE:
+        claimed = claimed_header(raw, at, end)
+        if claimed is None:
             return None
-        header = fmt.decode_record_header(raw, at)
-        name_at = at + fmt.RECORD_HEADER_SIZE
-        if header.magic != fmt.RECORD_MAGIC or not 1 <= header.stream_name_length <= 255 \
-                or not 1 <= header.count <= 1 << 24:
-            return None
-        stream = bytes(raw[name_at:name_at + header.stream_name_length])
-        try:
-            check_stream_name(stream)
-        except InvalidArgument:
-            return None
+        header, stream = claimed
         if header.stream_id >= len(self.names) or not self._consistent(header, stream):
             # A new stream's name in a damaged header could be the damage itself: a
             # stream that never existed. Only the name the log already knows is trusted.
@@ -285,16 +275,15 @@ class _Salvager:
         header = bad.header
         events = []
         prefix = fmt.stream_frame_prefix(bad.stream)
-        for i, ((frame_at, frame_len), data_len, check) in enumerate(
-                _framing(raw, at, header)):
+        framing = record_framing(raw, at, header)
+        assert not isinstance(framing, str), framing  # the lengths checked: bad.event is set
+        view = memoryview(raw)
+        for i, ((frame_at, frame_len), data_len, check) in enumerate(zip(*framing)):
             number = header.first_number + i
-            frame = raw[frame_at:frame_at + frame_len]
-            if fmt.frame_check(frame) == check and _frame_matches(
+            if fmt.frame_check(raw[frame_at:frame_at + frame_len]) == check and _frame_matches(
                     raw, frame_at, frame_len, data_len, prefix, number):
-                name_at = len(prefix) + len(b"%d" % number) + 3  # after ":<number>\r\n+"
-                name_end = frame.index(b"\r\n", name_at)
-                events.append((frame[name_at:name_end],
-                               frame[frame_len - 2 - data_len:frame_len - 2]))
+                event = event_at(raw, view, bad.stream, number, frame_at, frame_len, None)
+                events.append((event.name, bytes(event.data)))
             else:
                 events.append((PLACEHOLDER_NAME, b""))
                 self._replaced(bad.stream, number, header.base_position + i,
@@ -386,18 +375,6 @@ class _Salvager:
                 " (--repair without --salvage cuts the log there)")
         return [(sid, new.get(sid) or names[sid], n)
                 for sid, n in sorted(missing.items()) if n > 0]
-
-
-def _framing(raw: bytes, at: int, header: fmt.RecordHeader
-             ) -> list[tuple[tuple[int, int], int, int]]:
-    """((frame offset, length), data length, frame check) per event of a format 3 record
-    whose header and lengths check."""
-    table_at = at + fmt.RECORD_HEADER_SIZE + header.stream_name_length
-    table = array("I")
-    table.frombytes(raw[table_at:table_at + fmt.EVENT_ENTRY_SIZE * header.count])
-    lengths = table[0::3].tolist()
-    offsets = accumulate(lengths, initial=table_at + fmt.EVENT_ENTRY_SIZE * header.count)
-    return list(zip(zip(offsets, lengths), table[1::3].tolist(), table[2::3].tolist()))
 
 
 def _records(raw: bytes, start: int, end: int, version: int | None):

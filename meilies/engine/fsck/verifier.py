@@ -16,11 +16,11 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from .. import format as fmt
-from ..errors import CorruptIndex, InvalidArgument
+from ..errors import CorruptIndex
 from ..files import checkpoint_path, position_index_path, segment_path, stream_index_path
 from ..index import ENTRY_SIZE, close_map
-from ..names import check_stream_name, quoted
-from ..recovery import BadRecord, check_record, valid_record_after
+from ..names import quoted
+from ..recovery import BadRecord, check_record, claimed_header, valid_record_after
 from .chunks import (
     _build_counting,
     _Chunk,
@@ -541,18 +541,10 @@ def _decode_removed(buf, at: int, end: int, ranges: dict[bytes, EventRange]) -> 
 
 def _claimed_events(buf, at: int, end: int) -> tuple[bytes, int, int] | None:
     """(stream, first number, count) that the header at ``at`` claims, if it is plausible."""
-    if end - at < fmt.RECORD_HEADER_SIZE:
+    claimed = claimed_header(buf, at, end)
+    if claimed is None:
         return None
-    header = fmt.decode_record_header(buf, at)
-    name_at = at + fmt.RECORD_HEADER_SIZE
-    if header.magic != fmt.RECORD_MAGIC or not 1 <= header.stream_name_length <= 255 or \
-            name_at + header.stream_name_length > end or not 1 <= header.count <= 1 << 24:
-        return None
-    name = bytes(buf[name_at:name_at + header.stream_name_length])
-    try:
-        check_stream_name(name)
-    except InvalidArgument:
-        return None
+    header, name = claimed
     return name, header.first_number, header.count
 
 
