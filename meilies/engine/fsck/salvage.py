@@ -28,6 +28,7 @@ deleted, so that an interrupted salvage leaves either the old segment or the new
 from __future__ import annotations
 
 import os
+from itertools import takewhile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from ..files import TEMP_SUFFIX, fsync_directory, segment_path
 from ..names import quoted
 from ..reads import event_at
 from ..recovery import (BadRecord, ScannedRecord, _frame_matches, check_record,
-                        claimed_header, record_framing, valid_record_after)
+                        claimed_header, iter_records, record_framing, valid_record_after)
 from .chunks import segment_version
 
 #: The event name of a placeholder.
@@ -379,13 +380,8 @@ class _Salvager:
 
 def _records(raw: bytes, start: int, end: int, version: int | None):
     """The valid records of ``raw[start:end]`` up to the first that is not."""
-    at = start
-    while at < end:
-        found = check_record(raw, at, end, version=version)
-        if not isinstance(found, ScannedRecord):
-            return
-        yield found
-        at = found.end
+    return takewhile(lambda found: isinstance(found, ScannedRecord),
+                     iter_records(raw, start, end, version=version))
 
 
 def plan(directory: Path, bases: list[int], cut: tuple[int, int], cut_is_torn: bool
