@@ -43,6 +43,8 @@ FRAME_LENGTH_WORD = 1
 STREAM_ID_WORD = 2
 DELTA_WORD = 3
 NUMBER_WORD = 4  # and 5: the u64 number as two u32 words, low first
+#: u64 words per event in an active index's stream run: offset, length, position delta.
+RUN_STRIDE = 3
 
 
 def close_map(mapping: mmap.mmap) -> None:
@@ -74,6 +76,16 @@ def frame_lists(buf, first: int, stop: int) -> tuple[list[int], list[int]]:
         hi = stop * WORDS_PER_ENTRY
         return (words[lo + FRAME_OFFSET_WORD:hi:WORDS_PER_ENTRY].tolist(),
                 words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist())
+
+
+def entry_columns(buf, first: int, stop: int) -> tuple[list[int], list[int], list[int]]:
+    """Frame offsets, lengths and position deltas of entries ``first``..``stop-1``."""
+    with memoryview(buf) as raw, raw.cast("I") as words:
+        lo = first * WORDS_PER_ENTRY
+        hi = stop * WORDS_PER_ENTRY
+        return (words[lo + FRAME_OFFSET_WORD:hi:WORDS_PER_ENTRY].tolist(),
+                words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist(),
+                words[lo + DELTA_WORD:hi:WORDS_PER_ENTRY].tolist())
 
 
 class SealedIndex:
@@ -122,8 +134,9 @@ class SealedIndex:
 class ActiveIndex:
     """The in-memory position index of the active segment, plus a per-stream view.
 
-    ``streams`` maps a stream id to ``array('Q', [first_number, off0, len0, off1, len1,
-    ...])``: that stream's frames in this segment, whose numbers are contiguous.
+    ``streams`` maps a stream id to ``array('Q', [first_number, off0, len0, delta0, off1,
+    len1, delta1, ...])``: that stream's frames in this segment, whose numbers are
+    contiguous, with each event's position delta (what a full frame's position needs).
     """
 
     def __init__(self) -> None:
@@ -141,10 +154,11 @@ class ActiveIndex:
         self.entries += ENTRY.pack(frame_offset, frame_length, stream_id, delta, number)
         run = self.streams.get(stream_id)
         if run is None:
-            self.streams[stream_id] = array("Q", (number, frame_offset, frame_length))
+            self.streams[stream_id] = array("Q", (number, frame_offset, frame_length, delta))
         else:
             run.append(frame_offset)
             run.append(frame_length)
+            run.append(delta)
 
     def add_run(self, offsets: list[int], lengths: list[int], stream_id: int, delta: int,
                 number: int) -> None:
@@ -156,14 +170,15 @@ class ActiveIndex:
             self.add(offsets[0], lengths[0], stream_id, delta, number)
             return
         self.entries += entries_of(offsets, lengths, stream_id, delta, number)
-        pairs = array("Q", bytes(16 * count))
-        pairs[0::2] = array("Q", offsets)
-        pairs[1::2] = array("Q", lengths)
+        triples = array("Q", bytes(8 * RUN_STRIDE * count))
+        triples[0::RUN_STRIDE] = array("Q", offsets)
+        triples[1::RUN_STRIDE] = array("Q", lengths)
+        triples[2::RUN_STRIDE] = array("Q", range(delta, delta + count))
         run = self.streams.get(stream_id)
         if run is None:
-            self.streams[stream_id] = array("Q", (number,)) + pairs
+            self.streams[stream_id] = array("Q", (number,)) + triples
         else:
-            run += pairs
+            run += triples
 
     def load(self, raw: bytes) -> None:
         """Adopt entries read from a .pidx file (already checked by the caller)."""
@@ -189,12 +204,31 @@ class ActiveIndex:
         if run is None:
             return start, [], []
         first = run[0]
-        have = (len(run) - 1) // 2
+        have = (len(run) - 1) // RUN_STRIDE
         lo = max(start, first) - first
         hi = min(stop, first + have) - first
         if hi <= lo:
             return start, [], []
-        return first + lo, run[1 + 2 * lo:1 + 2 * hi:2].tolist(), run[2 + 2 * lo:2 + 2 * hi:2].tolist()
+        at, to = 1 + RUN_STRIDE * lo, 1 + RUN_STRIDE * hi
+        return (first + lo, run[at:to:RUN_STRIDE].tolist(),
+                run[at + 1:to + 1:RUN_STRIDE].tolist())
+
+    def stream_columns(self, stream_id: int, start: int, stop: int
+                       ) -> tuple[int, list[int], list[int], list[int]]:
+        """As :meth:`stream_frames`, with each event's position delta:
+        (first number returned, offsets, lengths, deltas)."""
+        run = self.streams.get(stream_id)
+        if run is None:
+            return start, [], [], []
+        first = run[0]
+        have = (len(run) - 1) // RUN_STRIDE
+        lo = max(start, first) - first
+        hi = min(stop, first + have) - first
+        if hi <= lo:
+            return start, [], [], []
+        at, to = 1 + RUN_STRIDE * lo, 1 + RUN_STRIDE * hi
+        return (first + lo, run[at:to:RUN_STRIDE].tolist(),
+                run[at + 1:to + 1:RUN_STRIDE].tolist(), run[at + 2:to + 2:RUN_STRIDE].tolist())
 
     def flush_to(self, path: Path) -> None:
         """Append the entries the file does not have yet (no fsync: derived data)."""

@@ -29,16 +29,15 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from array import array
 from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
 from . import checkpoint as ckpt
 from . import format as fmt
-from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed, EngineError,
+from .errors import (CorruptIndex, CorruptRecord, CorruptSegment, EngineClosed,
                      InvalidArgument, StorageError, WrongExpectedVersion)
-from .files import (DirectoryLock, checkpoint_path, fsync_directory, list_segments,
+from .files import (DirectoryLock, checkpoint_path, list_segments,
                     position_index_path, segment_path, stream_index_path)
 from .index import ENTRY_SIZE, ActiveIndex, sorted_stream_index, write_file
 from .names import (DEFAULT_MAX_EVENT_SIZE, check_data, check_event_name, check_new_stream_name,
@@ -647,6 +646,24 @@ class Engine:
         return reads.all_spans(self, position, max_events=max_events, min_number=min_number,
                                max_number=max_number, max_bytes=max_bytes)
 
+    def stream_full_frames(self, stream: bytes | int, start: int, stop: int | None = None, *,
+                           max_events: int = DEFAULT_MAX_EVENTS,
+                           max_bytes: int = DEFAULT_MAX_BYTES, descending: bool = False
+                           ) -> tuple[list[bytes | memoryview], int, int]:
+        """Full frames (with position and timestamp) of a stream's events, ascending or
+        descending: (pieces to join, events, where to go on)
+        (:func:`reads.stream_full_frames`)."""
+        return reads.stream_full_frames(self, stream, start, stop, max_events=max_events,
+                                        max_bytes=max_bytes, descending=descending)
+
+    def all_full_frames(self, start: int, stop: int | None = None, *,
+                        max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES,
+                        descending: bool = False) -> tuple[list[bytes | memoryview], int, int]:
+        """Full frames of the events at global positions ``start`` .. ``stop-1``
+        (:func:`reads.all_full_frames`)."""
+        return reads.all_full_frames(self, start, stop, max_events=max_events,
+                                     max_bytes=max_bytes, descending=descending)
+
     def read_stream(self, stream: bytes, start: int = 0, stop: int | None = None
                     ) -> Iterator[Event]:
         """Events ``start`` .. ``stop-1`` of ``stream`` visible now, as :class:`Event`."""
@@ -698,7 +715,7 @@ class Engine:
             active.activate()
         self._next_position = self._visible_position = self._durable_position = position
         self._durable_size = active.size
-        self.streams.visible_next = array("Q", self.streams.next_number)
+        self.streams.all_visible()
         report.segments = len(self.segments)
         report.streams = len(self.streams)
         report.events = position

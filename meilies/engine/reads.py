@@ -22,8 +22,9 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import format as fmt
-from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, WORDS_PER_ENTRY,
-                    ActiveIndex, SealedIndex)
+from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, RUN_STRIDE,
+                    WORDS_PER_ENTRY, ActiveIndex, SealedIndex, entry_columns)
+from .envelope import full_frames
 from .segment import Segment
 from .spans import plan_spans, runs
 
@@ -162,13 +163,13 @@ def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
             return start, 0, 0, [], []
         first_number = run[0]
         lo = max(start, first_number)
-        hi = min(end, first_number + (len(run) - 1) // 2)
+        hi = min(end, first_number + (len(run) - 1) // RUN_STRIDE)
         if hi <= lo:
             return start, 0, 0, [], []
         # Released before returning: appends grow the run, which a live view forbids.
+        at = 1 + RUN_STRIDE * (lo - first_number)
         with memoryview(run) as view:
-            taken, starts, ends = plan_spans(view, 1 + 2 * (lo - first_number),
-                                             2 + 2 * (lo - first_number), 2, hi - lo,
+            taken, starts, ends = plan_spans(view, at, at + 1, RUN_STRIDE, hi - lo,
                                              budget, at_least_one)
         return lo, hi - lo, taken, starts, ends
     stream_index = segment.stream_index
@@ -284,6 +285,140 @@ def _all_locations(engine: Engine, position: int, max_events: int, min_number: i
         offsets, lengths = offsets[:allowed], lengths[:allowed]
         stop = (kept[allowed - 1] if kept is not None else first + allowed - 1) + 1
     return segment, offsets, lengths, segment.base_position + stop
+
+#: One located read: (segment, frame offsets, frame lengths, position deltas), the
+#: events of one segment in ascending position order.
+Columns = tuple[Segment, list[int], list[int], list[int]]
+
+
+def stream_full_frames(engine: Engine, stream: bytes | int, start: int, stop: int | None = None,
+                       *, max_events: int = DEFAULT_MAX_EVENTS,
+                       max_bytes: int = DEFAULT_MAX_BYTES, descending: bool = False
+                       ) -> tuple[list[bytes | memoryview], int, int]:
+    """Full frames (envelope.py) of a stream's visible events numbered ``start`` ..
+    ``stop-1``: ascending from ``start``, or descending from ``stop-1``.
+
+    Returns the frames as pieces to join (three per event), how many events they
+    hold, and where to go on: the number after the last one returned (ascending) or
+    the last one returned (descending: the next call's ``stop``). At most
+    ``max_events`` events and about ``max_bytes`` of stored frames per call (always
+    at least one event when any is due).
+    """
+    engine._check_open()
+    sid = stream if isinstance(stream, int) else engine.streams.ids.get(stream)
+    if sid is None:
+        return [], 0, start
+    end = engine.streams.visible_next[sid]
+    if stop is not None and stop < end:
+        end = stop
+    if start >= end:
+        return [], 0, start
+    if descending:
+        lo, hi = max(start, end - max_events), end
+    else:
+        lo, hi = start, min(end, start + max_events)
+    groups = _cut(_stream_columns(engine, sid, lo, hi), max_bytes, descending)
+    count = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
+    return _pieces(groups, descending), count, hi - count if descending else lo + count
+
+
+def all_full_frames(engine: Engine, start: int, stop: int | None = None, *,
+                    max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES,
+                    descending: bool = False) -> tuple[list[bytes | memoryview], int, int]:
+    """:func:`stream_full_frames` over the whole log: events at global positions
+    ``start`` .. ``stop-1`` that are visible, ascending or descending."""
+    engine._check_open()
+    end = engine._visible_position
+    if stop is not None and stop < end:
+        end = stop
+    if start >= end:
+        return [], 0, start
+    if descending:
+        lo, hi = max(start, end - max_events), end
+    else:
+        lo, hi = start, min(end, start + max_events)
+    groups: list[Columns] = []
+    position = lo
+    k = bisect.bisect_right(engine._bases, position) - 1
+    segments = engine.segments
+    while position < hi:
+        segment = segments[k]
+        k += 1
+        first = position - segment.base_position
+        upto = min(segment.index.count, hi - segment.base_position)
+        if upto <= first:
+            continue
+        offsets, lengths = segment.index.frames(first, upto)
+        groups.append((segment, offsets, lengths, list(range(first, upto))))
+        position = segment.base_position + upto
+    groups = _cut(groups, max_bytes, descending)
+    count = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
+    return _pieces(groups, descending), count, hi - count if descending else lo + count
+
+
+def _stream_columns(engine: Engine, sid: int, lo: int, hi: int) -> list[Columns]:
+    """Where events ``lo`` .. ``hi-1`` of stream ``sid`` are, segment by segment."""
+    k = bisect.bisect_right(engine._bases, engine.streams.first_position[sid]) - 1
+    segments = engine.segments
+    groups: list[Columns] = []
+    number = lo
+    while k < len(segments) and number < hi:
+        segment = segments[k]
+        k += 1
+        index = segment.index
+        if isinstance(index, ActiveIndex):
+            first, offsets, lengths, deltas = index.stream_columns(sid, number, hi)
+        else:
+            stream_index = segment.stream_index
+            i, j = stream_index.stream_run(sid)
+            if i == j:
+                continue
+            first = stream_index.entry(i)[4]
+            a, b = max(number, first), min(hi, first + (j - i))
+            if b <= a:
+                continue
+            offsets, lengths, deltas = entry_columns(stream_index.buffer, i + a - first,
+                                                     i + b - first)
+            first = a
+        if offsets:
+            groups.append((segment, offsets, lengths, deltas))
+            number = first + len(offsets)
+    return groups
+
+
+def _cut(groups: list[Columns], max_bytes: int, descending: bool) -> list[Columns]:
+    """The longest prefix (ascending) or suffix (descending) of the events of ``groups``
+    whose frames total at most ``max_bytes``; at least one event."""
+    size = 0
+    kept: list[Columns] = []
+    for group in (reversed(groups) if descending else groups):
+        segment, offsets, lengths, deltas = group
+        total = sum(lengths)
+        if size + total <= max_bytes:
+            kept.append(group)
+            size += total
+            continue
+        sizes = list(accumulate(reversed(lengths) if descending else lengths))
+        fit = bisect.bisect_right(sizes, max_bytes - size)
+        if fit == 0 and not kept:
+            fit = 1
+        if fit:
+            if descending:
+                kept.append((segment, offsets[-fit:], lengths[-fit:], deltas[-fit:]))
+            else:
+                kept.append((segment, offsets[:fit], lengths[:fit], deltas[:fit]))
+        break
+    if descending:
+        kept.reverse()
+    return kept
+
+
+def _pieces(groups: list[Columns], descending: bool) -> list[bytes | memoryview]:
+    pieces: list[bytes | memoryview] = []
+    for segment, offsets, lengths, deltas in (reversed(groups) if descending else groups):
+        pieces += full_frames(segment, offsets, lengths, deltas, descending=descending)
+    return pieces
+
 
 def read_stream(engine: Engine, stream: bytes, start: int = 0, stop: int | None = None
                 ) -> Iterator[Event]:

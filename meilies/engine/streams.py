@@ -26,6 +26,10 @@ class StreamTable:
         self.first_position = first_position if first_position is not None else array("Q")
         self.visible_next = array("Q", self.next_number)
         self._sorted_visible: list[bytes] | None = None
+        #: Names that became visible since ``_sorted_visible`` was built: merged into
+        #: it when next asked for (a sort of the whole list per new stream would make
+        #: paging through a million streams that keep growing quadratic).
+        self._newly_visible: list[bytes] = []
 
     def __len__(self) -> int:
         return len(self.names)
@@ -49,15 +53,30 @@ class StreamTable:
         self.first_position.pop()
 
     def make_visible(self, sid: int, next_number: int) -> None:
-        if self.visible_next[sid] == 0:
-            self._sorted_visible = None
+        if self.visible_next[sid] == 0 and self._sorted_visible is not None:
+            self._newly_visible.append(self.names[sid])
         self.visible_next[sid] = next_number
 
+    def all_visible(self) -> None:
+        """Make every event written visible (opening: what recovery kept is durable)."""
+        self.visible_next = array("Q", self.next_number)
+        self._sorted_visible = None
+
     def sorted_visible_names(self) -> list[bytes]:
-        """Names of the streams that have a visible event, in byte order (cached)."""
+        """Names of the streams that have a visible event, in byte order (cached; the
+        list returned is never changed afterwards). Visible events are never taken
+        back, so the list only grows."""
         if self._sorted_visible is None:
             self._sorted_visible = sorted(
                 name for name, n in zip(self.names, self.visible_next) if n)
+            self._newly_visible = []
+        elif self._newly_visible:
+            self._newly_visible.sort()
+            # Two sorted runs: the sort merges them in one linear pass.
+            merged = self._sorted_visible + self._newly_visible
+            merged.sort()
+            self._sorted_visible = merged
+            self._newly_visible = []
         return self._sorted_visible
 
     def visible_count(self) -> int:
