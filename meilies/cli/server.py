@@ -10,6 +10,7 @@ import click
 
 from ..engine import Engine
 from ..engine.errors import CorruptionError, DirectoryLocked, EngineError
+from ..engine.log import DEFAULT_SEGMENT_SIZE
 from ..engine.names import DEFAULT_MAX_EVENT_SIZE
 from ..server.app import DEFAULT_MAXCLIENTS, DEFAULT_PORT, Config, Server, raise_open_file_limit
 
@@ -41,10 +42,14 @@ Examples:
               help="Require AUTH PASS before any other command.")
 @click.option("--maxclients", type=click.IntRange(1), default=DEFAULT_MAXCLIENTS,
               show_default=True, help="Connections served at once; more are refused.")
+@click.option("--segment-size", type=click.IntRange(1024, 2**32 - 1), default=DEFAULT_SEGMENT_SIZE,
+              show_default=True, metavar="BYTES",
+              help="Size at which the log rolls to a new segment file (a record never spans"
+                   " two; one larger than this gets a segment of its own).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
-         requirepass: str | None, maxclients: int, log_level: str) -> None:
+         requirepass: str | None, maxclients: int, segment_size: int, log_level: str) -> None:
     """Serve the MeiliES event store in DATA_DIR over the Redis protocol (RESP)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,7 +58,8 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
     limit = raise_open_file_limit(maxclients + 1024)
     log.info("open-file limit is %d", limit)
     try:
-        engine = Engine.open(data_dir, fsync=fsync, max_event_size=max_event_size)
+        engine = Engine.open(data_dir, fsync=fsync, max_event_size=max_event_size,
+                             segment_size=segment_size)
     except DirectoryLocked as exc:
         _fail(f"{exc}: is another meilies-server running on it?")
     except CorruptionError as exc:

@@ -658,11 +658,14 @@ class Engine:
 
     def all_full_frames(self, start: int, stop: int | None = None, *,
                         max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES,
-                        descending: bool = False) -> tuple[list[bytes | memoryview], int, int]:
-        """Full frames of the events at global positions ``start`` .. ``stop-1``
-        (:func:`reads.all_full_frames`)."""
+                        descending: bool = False, min_number: int = 0,
+                        max_number: int | None = None
+                        ) -> tuple[list[bytes | memoryview], int, int]:
+        """Full frames of the events at global positions ``start`` .. ``stop-1``, only
+        those numbered in [min_number, max_number) if asked (:func:`reads.all_full_frames`)."""
         return reads.all_full_frames(self, start, stop, max_events=max_events,
-                                     max_bytes=max_bytes, descending=descending)
+                                     max_bytes=max_bytes, descending=descending,
+                                     min_number=min_number, max_number=max_number)
 
     def read_stream(self, stream: bytes, start: int = 0, stop: int | None = None
                     ) -> Iterator[Event]:

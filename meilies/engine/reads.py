@@ -324,10 +324,18 @@ def stream_full_frames(engine: Engine, stream: bytes | int, start: int, stop: in
 
 def all_full_frames(engine: Engine, start: int, stop: int | None = None, *,
                     max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES,
-                    descending: bool = False) -> tuple[list[bytes | memoryview], int, int]:
+                    descending: bool = False, min_number: int = 0,
+                    max_number: int | None = None) -> tuple[list[bytes | memoryview], int, int]:
     """:func:`stream_full_frames` over the whole log: events at global positions
-    ``start`` .. ``stop-1`` that are visible, ascending or descending."""
+    ``start`` .. ``stop-1`` that are visible, ascending or descending.
+
+    Ascending, only events numbered in [min_number, max_number) in their stream may be
+    asked for (``$all:from:to``); then a call may return no event and still go on:
+    the position returned is the one after the last event examined.
+    """
     engine._check_open()
+    filtered = min_number != 0 or max_number is not None
+    assert not (filtered and descending), "number filters read ascending"
     end = engine._visible_position
     if stop is not None and stop < end:
         end = stop
@@ -348,12 +356,42 @@ def all_full_frames(engine: Engine, start: int, stop: int | None = None, *,
         upto = min(segment.index.count, hi - segment.base_position)
         if upto <= first:
             continue
-        offsets, lengths = segment.index.frames(first, upto)
-        groups.append((segment, offsets, lengths, list(range(first, upto))))
+        if filtered:
+            group = _numbered(segment, first, upto, min_number, max_number)
+            if group[1]:
+                groups.append(group)
+        else:
+            offsets, lengths = segment.index.frames(first, upto)
+            groups.append((segment, offsets, lengths, list(range(first, upto))))
         position = segment.base_position + upto
+    examined = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
     groups = _cut(groups, max_bytes, descending)
     count = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
-    return _pieces(groups, descending), count, hi - count if descending else lo + count
+    if descending:
+        return _pieces(groups, True), count, hi - count
+    if count < examined:  # the budget cut the read: go on after the last event kept
+        segment, _offsets, _lengths, deltas = groups[-1]
+        hi = segment.base_position + deltas[-1] + 1
+    return _pieces(groups, False), count, hi
+
+
+def _numbered(segment: Segment, first: int, upto: int, min_number: int,
+              max_number: int | None) -> Columns:
+    """The columns of position-index entries ``first`` .. ``upto-1`` of ``segment``
+    whose events are numbered in [min_number, max_number)."""
+    index = segment.index
+    buf = index.buffer if isinstance(index, SealedIndex) else index.entries
+    offsets: list[int] = []
+    lengths: list[int] = []
+    deltas: list[int] = []
+    with memoryview(buf) as raw:
+        for delta, (offset, length, _sid, _delta, number) in enumerate(
+                ENTRY.iter_unpack(raw[first * ENTRY_SIZE:upto * ENTRY_SIZE]), first):
+            if number >= min_number and (max_number is None or number < max_number):
+                offsets.append(offset)
+                lengths.append(length)
+                deltas.append(delta)
+    return segment, offsets, lengths, deltas
 
 
 def _stream_columns(engine: Engine, sid: int, lo: int, hi: int) -> list[Columns]:

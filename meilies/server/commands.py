@@ -9,6 +9,7 @@ into an error if either fails, before the reply goes out.
 
 from __future__ import annotations
 
+import bisect
 import hmac
 import os
 import time
@@ -20,14 +21,14 @@ from .. import __version__
 from ..engine import ANY, NO_STREAM
 from ..engine.errors import InvalidArgument
 from ..engine.names import check_stream_name
-from . import resp
+from . import ranges, resp
 from .errors import NOAUTH, WRONGPASS, CommandError
 from .subscription import parse_spec
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-Handler = Callable[["Connection", list[bytes]], bytes]
+Handler = Callable[["Connection", list[bytes]], "bytes | ranges.StreamedReply"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,97 @@ def stream_names(conn: Connection, args: list[bytes]) -> bytes:
     names = conn.engine.stream_names()
     return b"".join([resp.array_header(len(names) + 1), b"+stream-names\r\n"]
                     + [b"+%s\r\n" % name for name in names])
+
+
+def envelope(conn: Connection, args: list[bytes]) -> bytes:
+    """``envelope full|original``: the frames of subscriptions made afterwards."""
+    kind = args[1].lower()
+    if kind not in (b"full", b"original"):
+        shown = args[1][:64].decode("utf-8", "replace")
+        raise CommandError(f"ERR invalid envelope '{shown}': must be 'full' or 'original'")
+    conn.full_envelope = kind == b"full"
+    return resp.OK
+
+
+#: Names per ``scan-streams`` page without COUNT, and the largest COUNT.
+SCAN_DEFAULT_COUNT = 100
+SCAN_MAX_COUNT = 100_000
+#: The cursor that starts a scan and that says it is over (as Redis' SCAN).
+SCAN_DONE = b"0"
+
+
+def scan_streams(conn: Connection, args: list[bytes]) -> bytes:
+    """``scan-streams <cursor> [MATCH <prefix>*] [COUNT <n>]``: a page of stream names.
+
+    The names are walked in byte order; the cursor is the last name a page returned,
+    hex-encoded (never ``0``: that is an odd number of hex digits), so the next page
+    starts after it. A stream that exists for the whole scan is returned exactly
+    once; one created meanwhile is returned if its name sorts after the cursor.
+    """
+    after = _scan_cursor(args[1])
+    prefix = b""
+    count = SCAN_DEFAULT_COUNT
+    at = 2
+    while at < len(args):
+        option = args[at].lower()
+        if at + 1 >= len(args) or option not in (b"match", b"count"):
+            raise CommandError("ERR syntax error in 'scan-streams': expected MATCH <prefix>*"
+                               " or COUNT <n>")
+        value = args[at + 1]
+        if option == b"match":
+            prefix = _scan_prefix(value)
+        else:
+            if not (value.isdigit() and value.isascii() and len(value) <= 6
+                    and 1 <= int(value) <= SCAN_MAX_COUNT):
+                shown = value[:64].decode("utf-8", "replace")
+                raise CommandError(f"ERR invalid COUNT '{shown}': must be 1 to {SCAN_MAX_COUNT}")
+            count = int(value)
+        at += 2
+    names = conn.engine.stream_names()
+    start = bisect.bisect_left(names, prefix)
+    if after is not None:
+        start = max(start, bisect.bisect_right(names, after))
+    # The names with the prefix are one slice of the sorted names: up to the first
+    # name that sorts after all of them.
+    end = _prefix_end(prefix) if prefix else None
+    limit = len(names) if end is None else bisect.bisect_left(names, end)
+    page = names[start:min(start + count, limit)]
+    more = start + len(page) < limit
+    cursor = page[-1].hex().encode() if more else SCAN_DONE
+    return b"".join([b"*2\r\n", resp.bulk(cursor), resp.array_header(len(page))]
+                    + [b"+%s\r\n" % name for name in page])
+
+
+def _scan_cursor(raw: bytes) -> bytes | None:
+    """The name a scan goes on after (None: from the start)."""
+    if raw == SCAN_DONE:
+        return None
+    try:
+        if len(raw) % 2 or not raw.isascii():
+            raise ValueError(raw)
+        return bytes.fromhex(raw.decode("ascii"))
+    except ValueError:
+        shown = raw[:64].decode("utf-8", "replace")
+        raise CommandError(f"ERR invalid cursor '{shown}': pass 0, or the cursor the last"
+                           " scan-streams returned") from None
+
+
+def _scan_prefix(pattern: bytes) -> bytes:
+    prefix = pattern[:-1]
+    if not pattern.endswith(b"*") or any(c in prefix for c in b"*?[\\"):
+        shown = pattern[:64].decode("utf-8", "replace")
+        raise CommandError(f"ERR invalid MATCH '{shown}': only '<prefix>*' patterns are"
+                           " supported")
+    return prefix
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest name that sorts after every name starting with ``prefix`` (None
+    when there is none: a prefix of 0xff bytes)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 #: Most specs one ``subscribe`` may carry: each is a greenlet and a first read, and one
@@ -221,6 +313,10 @@ _TABLE = [
     Command("hello", hello, 1, None, before_auth=True),
     Command("command", command, 1, None),
     Command("info", info, 1, 2, reads=True),
+    Command("range", ranges.range_, 4, 6, reads=True),
+    Command("revrange", ranges.revrange, 4, 6, reads=True),
+    Command("envelope", envelope, 2, 2),
+    Command("scan-streams", scan_streams, 2, 6, reads=True),
 ]
 
 #: Lookup by the lower-case name as bytes.

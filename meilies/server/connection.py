@@ -24,7 +24,7 @@ from gevent.hub import get_hub
 
 from ..engine import ANY
 from ..engine.errors import EngineError, InvalidArgument, StorageError
-from . import commands, resp, subscription
+from . import commands, ranges, resp, subscription
 from .errors import NOAUTH, CommandError, engine_error_reply, unknown_command, wrong_arity
 
 if TYPE_CHECKING:
@@ -57,7 +57,11 @@ class Connection:
         self.closing = False
         #: True while a batch of requests is being run (graceful stop lets it finish).
         self.busy = False
-        self._out: list[bytes] = []
+        self._out: list[bytes | ranges.StreamedReply] = []
+        #: Whether ``_out`` holds a reply sent as it is read (ranges.py).
+        self._streamed = False
+        #: Subscriptions made from now on send full frames (``envelope full``).
+        self.full_envelope = False
         #: Replies to appends not yet settled, one entry per append: (index of its
         #: first reply in ``_out``, how many replies, the global position the append
         #: ends at, ``engine.loss_mark`` before it). Each is judged on its own: a
@@ -198,7 +202,10 @@ class Connection:
         if command.reads and self._writes:
             self._settle_writes()
         try:
-            out.append(command.handler(self, request))
+            reply = command.handler(self, request)
+            if type(reply) is not bytes:
+                self._streamed = True
+            out.append(reply)
         except CommandError as exc:
             out.append(exc.reply)
         except EngineError as exc:
@@ -265,12 +272,40 @@ class Connection:
     def flush(self) -> None:
         """Send every reply built so far, once their writes are durable."""
         self._settle_writes()
-        if self._out:
+        if self._streamed:
+            self._flush_streamed()
+        elif self._out:
             data = b"".join(self._out)
             self._out.clear()
             if data:  # a subscribe's reply is its confirmations, sent already
                 with self._send_lock:
                     _send_all(self.sock, data)
+
+    def _flush_streamed(self) -> None:
+        """Send replies of which some are read as they are sent (ranges.py), in order.
+        The lock is held throughout, so that no subscriber's frame lands inside one."""
+        out = list(self._out)
+        self._out.clear()
+        self._streamed = False
+        pending: list[bytes] = []
+        with self._send_lock:
+            for reply in out:
+                if type(reply) is bytes:
+                    pending.append(reply)
+                    continue
+                pending.append(reply.head)
+                try:
+                    for part in reply.parts:
+                        pending.append(part)
+                        _send_all(self.sock, b"".join(pending))
+                        pending.clear()
+                except ranges.ReplyCut as exc:
+                    log.error("connection %s: reply cut short, closing: %s", self.address, exc)
+                    self.closing = True
+                    pending.clear()
+                    break
+            if pending:
+                _send_all(self.sock, b"".join(pending))
 
     # -- subscriptions ----------------------------------------------------------------------
 
@@ -283,7 +318,9 @@ class Connection:
             # Registered before the confirmation goes out, so that INFO counts it by then.
             wakeups.append(server.notifier.watch(spec.stream))
             self._out.append(b"*2\r\n+subscribed\r\n" + resp.simple(spec.label))
-            if spec.stream is None:
+            if spec.by_position:
+                start = spec.start
+            elif spec.stream is None:
                 start = 0 if spec.start is not None else self.engine.visible_position
             else:
                 start = spec.start if spec.start is not None \
@@ -291,8 +328,9 @@ class Connection:
             starts.append(start)
         # The confirmations must reach the client before any event of these specs.
         self.flush()
+        full = self.full_envelope
         for i, (spec, start, wakeup) in enumerate(zip(specs, starts, wakeups), 1):
-            greenlet = gevent.spawn(self._serve, spec, start, wakeup)
+            greenlet = gevent.spawn(self._serve, spec, start, wakeup, full)
             self._subscriptions.add(greenlet)
             if i % SPAWN_SLICE == 0:
                 # Let the loop poll (a timer does, sleep(0) may not) and serve others
@@ -300,10 +338,10 @@ class Connection:
                 gevent.sleep(0.0001)
         server.subscriptions_started += len(specs)
 
-    def _serve(self, spec: subscription.Spec, start: int, wakeup) -> None:
+    def _serve(self, spec: subscription.Spec, start: int, wakeup, full: bool) -> None:
         try:
             subscription.serve(spec, self.engine, self.server.notifier, self._send_frames, start,
-                               wakeup)
+                               wakeup, full)
         except OSError as exc:
             log.debug("subscription of %s ended: %s", self.address, exc)
             self._abort()
