@@ -15,12 +15,12 @@ from .errors import (ERROR_CLASSES, AuthenticationError, AuthenticationRequired,
                      ConnectionError, InvalidPassword, MeiliesError, ProtocolError,
                      ResponseError, ServerShuttingDown, TimeoutError, WrongExpectedVersion,
                      error_from_reply)
-from .subscriber import Event, Spec, Subscription, parse_spec
+from .subscriber import Event, Spec, Subscription, event_from_frame, parse_spec
 
 __all__ = [
     "DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_TIMEOUT", "ERROR_CLASSES",
     "AuthenticationError", "AuthenticationRequired", "Client", "Connection",
     "ConnectionError", "Event", "InvalidPassword", "MeiliesError", "ProtocolError",
     "ResponseError", "ServerShuttingDown", "Spec", "Subscription", "TimeoutError",
-    "WrongExpectedVersion", "error_from_reply", "parse_spec",
+    "WrongExpectedVersion", "error_from_reply", "event_from_frame", "parse_spec",
 ]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 from .connection import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, Arg, Connection
 from .errors import ConnectionError, ProtocolError, ResponseError, TimeoutError
-from .subscriber import Subscription
+from .subscriber import Event, Subscription, event_from_frame
 
 #: ``publish_many`` sends this many requests, then reads their replies, then the next
 #: batch: replies never pile up in the socket buffers (which could deadlock a pipeline
@@ -16,6 +16,8 @@ from .subscriber import Subscription
 PIPELINE_BATCH = 1000
 
 Expected = int | Literal["any", "none"]
+#: Names asked for per ``scan-streams`` page by :meth:`Client.scan_streams`.
+SCAN_PAGE = 1000
 
 
 class Client:
@@ -130,6 +132,54 @@ class Client:
             raise ProtocolError(f"unexpected reply to stream-names: {reply!r}")
         return [name.decode() for name in reply[1:]]
 
+    def range(self, stream: str | bytes, start: int | str = "-", end: int | str = "+",
+              count: int | None = None) -> list[Event]:
+        """Events of ``stream`` numbered ``start`` to ``end`` (both included; ``"-"``
+        is the first, ``"+"`` the last), ascending, at most ``count`` (the server's
+        default without it: 10,000). ``stream`` ``"$all"`` reads by global position.
+        Each :class:`Event` carries its position and timestamp."""
+        return self._range("range", stream, start, end, count)
+
+    def revrange(self, stream: str | bytes, end: int | str = "+", start: int | str = "-",
+                 count: int | None = None) -> list[Event]:
+        """:meth:`range`, descending from ``end``: ``revrange(s, count=1)`` is the last
+        event."""
+        return self._range("revrange", stream, end, start, count)
+
+    def _range(self, command: str, stream, first, second, count) -> list[Event]:
+        args: list[Arg] = [command, stream, _bound(first), _bound(second)]
+        if count is not None:
+            args += ["COUNT", count]
+        reply = self._call(args, retry=True)
+        if type(reply) is not list:
+            raise ProtocolError(f"unexpected reply to {command}: {reply!r}"[:300])
+        return [event_from_frame(frame) for frame in reply]
+
+    def last_position(self) -> int | None:
+        """The global position of the last event stored, or None when there is none."""
+        last = self.revrange("$all", count=1)
+        return last[0].position if last else None
+
+    def scan_streams(self, match: str | bytes | None = None,
+                     count: int = SCAN_PAGE) -> Iterator[list[str]]:
+        """The names of the streams that have events, in byte order, a page (about
+        ``count`` names) at a time: ``match`` is ``"<prefix>*"``. Every stream that
+        exists for the whole scan comes exactly once; memory stays one page."""
+        cursor: bytes = b"0"
+        while True:
+            args: list[Arg] = ["scan-streams", cursor, "COUNT", count]
+            if match is not None:
+                args += ["MATCH", match]
+            reply = self._call(args, retry=True)
+            if not (type(reply) is list and len(reply) == 2 and type(reply[0]) is bytes
+                    and type(reply[1]) is list):
+                raise ProtocolError(f"unexpected reply to scan-streams: {reply!r}"[:300])
+            cursor, names = reply
+            if names:
+                yield [name.decode(errors="surrogateescape") for name in names]
+            if cursor == b"0":
+                return
+
     def ping(self, message: str | bytes | None = None) -> bytes:
         """``b"PONG"``, or ``message`` echoed back."""
         args = ("ping",) if message is None else ("ping", message)
@@ -145,14 +195,16 @@ class Client:
 
     def subscribe(self, *specs: str | bytes, reconnect: bool = True,
                   max_retries: int | None = None, backoff_base: float = 0.1,
-                  backoff_max: float = 5.0, heartbeat: float | None = 30.0) -> Subscription:
+                  backoff_max: float = 5.0, heartbeat: float | None = 30.0,
+                  full: bool = False) -> Subscription:
         """Subscribe to ``specs`` on a new connection; iterate the result for events.
 
-        See :class:`meilies.client.Subscription` for specs, resuming and options.
+        See :class:`meilies.client.Subscription` for specs, resuming and options
+        (``full=True``: events with positions and timestamps).
         """
         return Subscription(self._open, specs, reconnect=reconnect, max_retries=max_retries,
                             backoff_base=backoff_base, backoff_max=backoff_max,
-                            heartbeat=heartbeat, timeout=self.timeout)
+                            heartbeat=heartbeat, timeout=self.timeout, full=full)
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -211,6 +263,13 @@ class Client:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _bound(value: int | str) -> int | str:
+    if isinstance(value, bool) or not (value in ("-", "+") or (isinstance(value, int)
+                                                                and value >= 0)):
+        raise ValueError(f"a range bound is '-', '+' or a number >= 0, not {value!r}")
+    return value
 
 
 def _expect_int(reply: object, command: str) -> int:

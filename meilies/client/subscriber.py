@@ -10,7 +10,16 @@ Named streams
     ``s:<last + 1>``, so events published while disconnected are never skipped, even
     before the first event arrived.
 
-``$all``
+``$all`` on a server with global positions (PROTOCOL.md v2)
+    Each connection first sends ``envelope full``, so that every frame carries its
+    position. A live ``$all`` is pinned with ``revrange $all + - COUNT 1`` (the last
+    position); a drop resumes with one spec, ``$all@<last position yielded + 1>``.
+    ``$all:from:to`` (per-stream numbers) goes to the server as is on the first
+    connection and resumes as ``$all@<next>`` with the numbers checked here. Every
+    position is yielded once, in order; without a number range a skipped position is
+    a gap (ProtocolError). ``$all@from[:to]`` needs such a server.
+
+``$all`` on an older server
     The server numbers events per stream, and a ``$all`` subscription can only start
     live or replay the whole log (``$all:0``), so a resume works per stream:
 
@@ -55,8 +64,8 @@ from typing import NamedTuple
 import hiredis
 
 from .connection import Connection
-from .errors import (ConnectionError, MeiliesError, ProtocolError, ServerShuttingDown,
-                     TimeoutError, error_from_reply)
+from .errors import (ConnectionError, MeiliesError, ProtocolError, ResponseError,
+                     ServerShuttingDown, TimeoutError, error_from_reply)
 
 log = logging.getLogger("meilies.client")
 
@@ -69,26 +78,60 @@ _BAD_STREAM_BYTES = re.compile(rb"[\x00-\x20\x7f:]")
 
 
 class Event(NamedTuple):
-    """One event: ``stream`` and ``name`` as text, ``data`` as the bytes stored."""
+    """One event: ``stream`` and ``name`` as text, ``data`` as the bytes stored.
+
+    ``position`` (global, from 0), ``timestamp`` (ms since the epoch, the server's clock
+    when stored), ``id`` and ``metadata`` come with full frames (``range``,
+    ``revrange``, subscriptions with ``full=True`` or by position, PROTOCOL.md v2); they
+    are None where the server sent the original frame, and ``id``/``metadata`` are
+    None for an event stored without them.
+    """
 
     stream: str
     number: int
     name: str
     data: bytes
+    position: int | None = None
+    timestamp: int | None = None
+    id: str | None = None
+    metadata: bytes | None = None
+
+
+def event_from_frame(frame: object) -> Event:
+    """The :class:`Event` of an event frame as hiredis parses it (original: 5
+    elements, full: 9); ProtocolError for anything else."""
+    if type(frame) is list and frame and frame[0] == b"event":
+        if len(frame) == 5:
+            _, stream, number, name, data = frame
+            if type(number) is int and type(data) is bytes:
+                return Event(stream.decode(errors="surrogateescape"), number,
+                             name.decode(errors="surrogateescape"), data)
+        elif len(frame) == 9:
+            _, stream, number, name, data, position, timestamp, event_id, metadata = frame
+            if type(number) is int and type(position) is int and type(timestamp) is int:
+                return Event(stream.decode(errors="surrogateescape"), number,
+                             name.decode(errors="surrogateescape"), data, position, timestamp,
+                             None if event_id is None else event_id.decode(errors="surrogateescape"),
+                             metadata)
+    raise ProtocolError(f"not an event frame: {frame!r}"[:300])
 
 
 @dataclass(frozen=True)
 class Spec:
     """A parsed subscription spec: ``stream`` (None for ``$all``), ``start`` (None for
-    live only) and ``stop`` (exclusive; None for no end)."""
+    live only) and ``stop`` (exclusive; None for no end); with ``by_position``
+    (``$all@from[:to]``) start and stop are global positions."""
 
     stream: bytes | None
     start: int | None = None
     stop: int | None = None
+    by_position: bool = False
 
     def __str__(self) -> str:
         text = (ALL_STREAMS if self.stream is None else self.stream).decode(errors="replace")
-        if self.start is not None:
+        if self.by_position:
+            text += f"@{self.start}"
+        elif self.start is not None:
             text += f":{self.start}"
         if self.stop is not None:
             text += f":{self.stop}"
@@ -96,28 +139,37 @@ class Spec:
 
 
 def parse_spec(raw: str | bytes) -> Spec:
-    """Parse ``name``, ``name:from``, ``name:from:to`` and the ``$all`` forms.
+    """Parse ``name``, ``name:from``, ``name:from:to``, the ``$all`` forms, and
+    ``$all@from``, ``$all@from:to`` (by global position).
 
     Raises ValueError for what PROTOCOL.md calls malformed (the server checks the
     finer rules of names again).
     """
     data = raw.encode() if isinstance(raw, str) else bytes(raw)
-    parts = data.split(b":")
-    if len(parts) > 3:
-        raise ValueError(f"invalid subscription spec {raw!r}: too many ':'")
-    name, numbers = parts[0], []
+    by_position = data.startswith(ALL_STREAMS + b"@")
+    if by_position:
+        name, parts = ALL_STREAMS, data[len(ALL_STREAMS) + 1:].split(b":")
+        if len(parts) > 2:
+            raise ValueError(f"invalid subscription spec {raw!r}: too many ':'")
+    else:
+        parts = data.split(b":")
+        if len(parts) > 3:
+            raise ValueError(f"invalid subscription spec {raw!r}: too many ':'")
+        name, parts = parts[0], parts[1:]
     if not name or (name != ALL_STREAMS and _BAD_STREAM_BYTES.search(name)):
         raise ValueError(f"invalid subscription spec {raw!r}: bad stream name")
-    for part in parts[1:]:
+    numbers = []
+    for part in parts:
         if not (part.isdigit() and part.isascii()):
+            what = "positions" if by_position else "event numbers"
             raise ValueError(f"invalid subscription spec {raw!r}:"
-                             " event numbers must be non-negative integers")
+                             f" {what} must be non-negative integers")
         numbers.append(int(part))
     start = numbers[0] if numbers else None
     stop = numbers[1] if len(numbers) == 2 else None
     if stop is not None and start >= stop:
         raise ValueError(f"invalid subscription spec {raw!r}: 'from' must be lower than 'to'")
-    return Spec(None if name == ALL_STREAMS else name, start, stop)
+    return Spec(None if name == ALL_STREAMS else name, start, stop, by_position)
 
 
 @dataclass
@@ -165,14 +217,48 @@ class _AllCursor:
         return spec if self.stop is None else spec + b":%d" % self.stop
 
 
+@dataclass
+class _PositionCursor:
+    """``$all`` on a server with global positions (PROTOCOL.md v2): the next position
+    to yield (None until pinned), the position to stop before, and the per-stream
+    number range of a ``$all:from:to`` spec, which the server applies on the first
+    connection and this client on resumed ones (``$all@<next>``)."""
+
+    next: int | None
+    stop: int | None = None
+    low: int = 0
+    high: int | None = None
+    #: The first connection sends the spec by numbers as it is.
+    by_numbers_first: bool = False
+    resumed: bool = False
+
+    @property
+    def filtered(self) -> bool:
+        return self.low != 0 or self.high is not None
+
+    @property
+    def done(self) -> bool:
+        return self.stop is not None and self.next is not None and self.next >= self.stop
+
+    def spec(self) -> bytes:
+        if self.by_numbers_first and not self.resumed:
+            spec = b"$all:%d" % self.low
+            return spec if self.high is None else spec + b":%d" % self.high
+        spec = b"$all@%d" % self.next
+        return spec if self.stop is None else spec + b":%d" % self.stop
+
+
 class Subscription(Iterator[Event]):
     """An iterator of :class:`Event` over one or more subscription specs.
 
     Made by :meth:`Client.subscribe`, which connects and pins the start before it
     returns (a failure there raises at once; retries apply only to later drops).
-    Specs: ``name`` (live), ``name:from``, ``name:from:to`` (``to`` exclusive), and the
-    same for ``$all``. Iteration ends when every named spec is bounded and complete
-    (a bounded ``$all`` never ends: a stream created later could still fall in range).
+    Specs: ``name`` (live), ``name:from``, ``name:from:to`` (``to`` exclusive), the
+    same for ``$all``, and ``$all@from``, ``$all@from:to`` by global position. Iteration
+    ends when every named spec is bounded and complete, or a ``$all@from:to`` has
+    reached ``to`` (a ``$all:from:to`` by numbers never ends: a stream created later
+    could still fall in range). With ``full=True`` events carry their position and
+    timestamp (``envelope full``; a server without it raises ProtocolError).
 
     When the connection drops it reconnects with exponential backoff (``backoff_base``
     doubling up to ``backoff_max`` seconds, each wait jittered between half and all of
@@ -188,19 +274,25 @@ class Subscription(Iterator[Event]):
     def __init__(self, connect: Callable[[], Connection], specs: Sequence[str | bytes], *,
                  reconnect: bool = True, max_retries: int | None = None,
                  backoff_base: float = 0.1, backoff_max: float = 5.0,
-                 heartbeat: float | None = 30.0, timeout: float | None = 10.0) -> None:
+                 heartbeat: float | None = 30.0, timeout: float | None = 10.0,
+                 full: bool = False) -> None:
         if not specs:
             raise ValueError("subscribe needs at least one spec")
         parsed = [parse_spec(spec) for spec in specs]
         self._cursors: list[_StreamCursor] = []
         self._by_stream: dict[bytes, _StreamCursor] = {}
         self._all: _AllCursor | None = None
+        self._positions: _PositionCursor | None = None
+        self._full = full
         for spec in parsed:
             if spec.stream is None:
                 if len(parsed) > 1:
                     raise ValueError("'$all' covers every stream: subscribe to it alone")
-                self._all = _AllCursor(low=spec.start or 0, stop=spec.stop,
-                                       pinned=spec.start is not None)
+                if spec.by_position:
+                    self._positions = _PositionCursor(spec.start, spec.stop)
+                else:
+                    self._all = _AllCursor(low=spec.start or 0, stop=spec.stop,
+                                           pinned=spec.start is not None)
             else:
                 if spec.stream in self._by_stream:
                     raise ValueError(f"stream {spec.stream.decode(errors='replace')!r}"
@@ -270,6 +362,8 @@ class Subscription(Iterator[Event]):
         return self._closed
 
     def _finished(self) -> bool:
+        if self._positions is not None:
+            return self._positions.done
         return self._all is None and all(cursor.done for cursor in self._cursors)
 
     # -- one read, and recovering from a drop -------------------------------------------------
@@ -336,6 +430,8 @@ class Subscription(Iterator[Event]):
         return step / 2 + random.uniform(0, step / 2)
 
     def _describe(self) -> str:
+        if self._positions is not None:
+            return f"$all from position {self._positions.next}"
         if self._all is not None:
             return f"$all ({len(self._all.next)} streams positioned)"
         return ", ".join(f"{c.stream.decode(errors='replace')} from {c.next}"
@@ -350,6 +446,12 @@ class Subscription(Iterator[Event]):
         if self._closed:  # close() ran while we were connecting
             conn.close()
             return
+        if self._full or self._all is not None or self._positions is not None:
+            self._ask_for_full_frames(conn)
+        positions = self._positions
+        if positions is not None and positions.next is None:  # live $all: pin it
+            last = conn.call("revrange", ALL_STREAMS, "+", "-", "COUNT", "1")
+            positions.next = event_from_frame(last[0]).position + 1 if last else 0
         unpinned = [cursor for cursor in self._cursors if cursor.next is None]
         if unpinned:  # nothing subscribed on this connection yet: replies only
             conn.send(*[("last-event-number", cursor.stream) for cursor in unpinned])
@@ -358,6 +460,9 @@ class Subscription(Iterator[Event]):
                 cursor.next = 0 if last is None else last + 1
         specs = [cursor.spec() for cursor in self._cursors if not cursor.done]
         commands: list[tuple] = []
+        if positions is not None and not positions.done:
+            specs.append(positions.spec())
+            positions.resumed = True
         all_cursor = self._all
         if all_cursor is not None:
             if all_cursor.pinned and not all_cursor.resumed:
@@ -374,6 +479,31 @@ class Subscription(Iterator[Event]):
         if len(commands) == 2:
             self._handlers.append(self._on_stream_names)
         conn.send(*commands)
+
+    def _ask_for_full_frames(self, conn: Connection) -> None:
+        """``envelope full`` on a new connection (nothing subscribed yet: a plain call).
+
+        A ``$all`` subscription uses positions when the server has them: it resumes
+        from the last position + 1 with one spec. An older server (no ``envelope``)
+        keeps the per-stream resume, unless positions or full frames were asked for.
+        """
+        try:
+            conn.call("envelope", "full")
+            supported = True
+        except ResponseError:
+            supported = False
+        if supported and self._all is not None and not self._all.resumed:
+            cursor = self._all  # first connection: nothing yielded yet
+            if cursor.pinned:
+                self._positions = _PositionCursor(0, low=cursor.low, high=cursor.stop,
+                                                  by_numbers_first=True)
+            else:
+                self._positions = _PositionCursor(None)
+            self._all = None
+        if not supported and (self._full or self._positions is not None):
+            raise ProtocolError(f"the server at {conn.address} has no full frames or global"
+                                " positions (PROTOCOL.md v2): subscribe without full=True and"
+                                " without '$all@'")
 
     def _drop_session(self) -> None:
         """Forget everything tied to the connection; keep the per-stream positions."""
@@ -394,7 +524,7 @@ class Subscription(Iterator[Event]):
     # -- messages -----------------------------------------------------------------------------
 
     def _dispatch(self, message: object) -> None:
-        if type(message) is list and len(message) == 5 and message[0] == b"event":
+        if type(message) is list and len(message) in (5, 9) and message[0] == b"event":
             self._on_event(message)
             return
         if not self._handlers:
@@ -415,9 +545,11 @@ class Subscription(Iterator[Event]):
             raise ProtocolError(f"unexpected reply to ping: {reply!r}")
 
     def _on_event(self, message: list) -> None:
-        _, raw_stream, number, raw_name, data = message
-        event = Event(raw_stream.decode(errors="surrogateescape"), number,
-                      raw_name.decode(errors="surrogateescape"), data)
+        event = event_from_frame(message)
+        raw_stream, number = message[1], event.number
+        if self._positions is not None:
+            self._on_positioned_event(event)
+            return
         if self._all is not None:
             self._on_all_event(raw_stream, event)
             return
@@ -453,6 +585,26 @@ class Subscription(Iterator[Event]):
             raise ProtocolError(f"gap in stream {event.stream}: expected event {want},"
                                 f" got {number}")
         cursor.held.setdefault(stream, {})[number] = event
+
+    def _on_positioned_event(self, event: Event) -> None:
+        """``$all`` by position: each position once, in order."""
+        cursor = self._positions
+        position = event.position
+        if position is None:
+            raise ProtocolError("an original frame on a subscription by position")
+        if position < cursor.next:
+            return  # sent again after a resume
+        if position > cursor.next and not cursor.filtered:
+            raise ProtocolError(f"gap in $all: expected position {cursor.next}, got {position}")
+        cursor.next = position + 1
+        if event.number < cursor.low or (cursor.high is not None and event.number >= cursor.high):
+            return
+        if cursor.stop is not None and position >= cursor.stop:
+            return
+        self._ready.append(event)
+        if cursor.done and self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _yield_all(self, stream: bytes, event: Event) -> None:
         cursor = self._all

@@ -6,6 +6,11 @@ black-hole: network failures on demand, without killing the server.
   them), until ``unblock()``: the server is "down" for the client only;
 - ``freeze()`` stops forwarding on the current connections without closing them: the
   client sees silence, as on a network cut.
+
+With ``older_server=True`` it plays a server from before PROTOCOL.md v2: the name of
+every ``envelope`` request is changed on its way (same length), so that the server
+answers ``-ERR unknown command`` as an older one would, and a client falls back to
+what it does with those.
 """
 
 from __future__ import annotations
@@ -28,9 +33,15 @@ class _Pair:
             sock.close()
 
 
+#: ``envelope`` as a request's first bulk string, and what it becomes (older_server).
+ENVELOPE = b"$8\r\nenvelope\r\n"
+UNKNOWN = b"$8\r\nenvelopx\r\n"
+
+
 class Proxy:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, older_server: bool = False) -> None:
         self.target_port = target_port
+        self.older_server = older_server
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.blocked = False
@@ -66,8 +77,12 @@ class Proxy:
                 threading.Thread(target=self._pump, args=(pair, src, dst), daemon=True).start()
 
     def _pump(self, pair: _Pair, src: socket.socket, dst: socket.socket) -> None:
+        rewrite = self.older_server and src is pair.sockets[0]
+        held = b""
         try:
             while data := src.recv(65536):
+                if rewrite:
+                    data, held = _hide_envelope(held + data)
                 if not pair.frozen:
                     dst.sendall(data)
         except OSError:
@@ -100,3 +115,14 @@ class Proxy:
         self._closed = True
         self.listener.close()
         self.cut()
+
+
+def _hide_envelope(data: bytes) -> tuple[bytes, bytes]:
+    """``data`` with ENVELOPE renamed, and the tail to hold back because it may be the
+    start of one cut by the read (a request never ends there: it is always followed
+    by more bytes of the same request)."""
+    data = data.replace(ENVELOPE, UNKNOWN)
+    for keep in range(min(len(ENVELOPE) - 1, len(data)), 0, -1):
+        if ENVELOPE.startswith(data[-keep:]):
+            return data[:-keep], data[-keep:]
+    return data, b""

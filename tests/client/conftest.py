@@ -17,9 +17,11 @@ def client(server):
         yield client
 
 
-@pytest.fixture
-def proxy(server):
-    proxy = Proxy(server.port)
+@pytest.fixture(params=[False, True], ids=["v2-server", "older-server"])
+def proxy(server, request):
+    """A proxy to the server; also as a server from before PROTOCOL.md v2, so that a
+    client's fallbacks (``$all`` resumed stream by stream) stay tested."""
+    proxy = Proxy(server.port, older_server=request.param)
     yield proxy
     proxy.close()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+from client_proxy import Proxy
 from client_support import TIMEOUT
 
 from meilies.client import Client
@@ -49,11 +51,35 @@ def test_named_streams_survive_kill_9_restarts(server, start_server, collect, ca
     assert resumes(caplog) == ROUNDS
 
 
-def test_all_streams_survive_kill_9_restarts(server, start_server, collect, caplog):
+@pytest.fixture(params=["positions", "older-server"])
+def all_port(request, server):
+    """Where a ``$all`` subscriber connects: the server (it resumes by global position),
+    or a proxy that hides PROTOCOL.md v2 (it resumes stream by stream)."""
+    if request.param == "positions":
+        yield server.port
+        return
+    proxy = Proxy(server.port, older_server=True)
+    yield proxy.port
+    proxy.close()
+
+
+def test_the_older_server_proxy_hides_envelope(server):
+    proxy = Proxy(server.port, older_server=True)
+    try:
+        with Client(port=proxy.port, timeout=TIMEOUT) as client:
+            with pytest.raises(Exception, match="unknown command 'envelopx'"):
+                client.execute_command("envelope", "full")
+            assert client.range("s") == []
+    finally:
+        proxy.close()
+
+
+def test_all_streams_survive_kill_9_restarts(server, start_server, collect, caplog, all_port):
     caplog.set_level(logging.INFO, logger="meilies.client")
     client = Client(port=server.port, timeout=TIMEOUT)
+    subscriber = Client(port=all_port, timeout=TIMEOUT)
     client.publish("before", "e", "not wanted: published before the subscription")
-    events = collect(client.subscribe("$all", **RETRY))
+    events = collect(subscriber.subscribe("$all", **RETRY))
     counts: dict[str, int] = {}
 
     def publish_round(streams: list[str], n: int) -> None:
@@ -76,12 +102,13 @@ def test_all_streams_survive_kill_9_restarts(server, start_server, collect, capl
     assert resumes(caplog) == ROUNDS
 
 
-def test_all_from_zero_survives_a_kill_9_mid_replay(server, start_server, collect, caplog):
+def test_all_from_zero_survives_a_kill_9_mid_replay(server, start_server, collect, caplog,
+                                                    all_port):
     caplog.set_level(logging.INFO, logger="meilies.client")
     client = Client(port=server.port, timeout=TIMEOUT)
     for stream in ("x", "y", "z"):
         client.publish_many(stream, [("e", f"{stream}{i}") for i in range(300)])
-    events = collect(client.subscribe("$all:0", **RETRY))
+    events = collect(Client(port=all_port, timeout=TIMEOUT).subscribe("$all:0", **RETRY))
     events.wait_count(1)
     server.kill()
     server = start_server(data_dir=server.data_dir, port=server.port)

@@ -201,3 +201,74 @@ def test_redis_py_info_parses(server):
         assert info["events"] == 1 and info["streams"] == 1 and info["fsync"] == "always"
     finally:
         r.close()
+
+
+# -- the read side of PROTOCOL.md v2, through both ----------------------------------------------
+
+
+def test_redis_cli_range_revrange_scan_and_envelope(server):
+    assert cli(server, "append", "s", "any", "a", "1", "b", "2").stdout == b"1\n"
+    assert cli(server, "publish", "t", "c", "3").stdout == b"OK\n"
+    ranged = cli(server, "range", "s", "-", "+").stdout.split(b"\n")
+    # Nine lines per event: event, stream, number, name, data, position, timestamp, and
+    # two nils (empty lines in --raw).
+    assert len(ranged) == 19 and ranged[:6] == [b"event", b"s", b"0", b"a", b"1", b"0"]
+    assert ranged[9:15] == [b"event", b"s", b"1", b"b", b"2", b"1"]
+    assert ranged[6].isdigit() and ranged[7:9] == [b"", b""]
+    formatted = cli(server, "revrange", "$all", "+", "-", "COUNT", "1", raw=False).stdout
+    assert formatted.startswith(b"1) 1) event\n   2) t\n   3) (integer) 0\n   4) c\n"
+                                b"   5) \"3\"\n   6) (integer) 2\n   7) (integer) ")
+    assert formatted.endswith(b"\n   8) (nil)\n   9) (nil)\n")
+    assert cli(server, "range", "none", "-", "+", raw=False).stdout == b"(empty array)\n"
+    assert cli(server, "scan-streams", "0", "MATCH", "t*", raw=False).stdout == \
+        b"1) \"0\"\n2) 1) t\n"
+    assert cli(server, "envelope", "full").stdout == b"OK\n"
+    bad = cli(server, "range", "s", "x", "+", raw=False).stdout
+    assert bad.startswith(b"(error) ERR invalid start 'x'")
+
+
+def test_redis_cli_subscribes_by_position(server):
+    client = server.client()
+    for i in range(3):
+        assert client.call("publish", f"s{i}", "e", str(i)) == b"+OK\r\n"
+    proc = subprocess.Popen(["timeout", str(int(DEADLINE)), "redis-cli", "-p", str(server.port),
+                             "subscribe", "$all@1:3"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert [proc.stdout.readline() for _ in range(12)] == [
+            b"subscribed\n", b"$all\n", b"event\n", b"s1\n", b"0\n", b"e\n", b"1\n",
+            b"event\n", b"s2\n", b"0\n", b"e\n", b"2\n"]
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+@pytest.mark.parametrize("protocol", [None, 2, 3])
+def test_redis_py_runs_the_read_commands(server, protocol):
+    r = redis_py(server, **({} if protocol is None else {"protocol": protocol}))
+    try:
+        assert r.execute_command("append", "s", "any", "a", "1", "b", b"\x00\r\n") == 1
+        assert r.execute_command("publish", "t", "c", "3") in (b"OK", True)
+        ranged = r.execute_command("range", "s", "-", "+")
+        assert [f[:6] for f in ranged] == [[b"event", b"s", 0, b"a", b"1", 0],
+                                           [b"event", b"s", 1, b"b", b"\x00\r\n", 1]]
+        assert all(isinstance(f[6], int) and f[7:] == [None, None] for f in ranged)
+        last = r.execute_command("revrange", "$all", "+", "-", "COUNT", "1")
+        assert [f[:6] for f in last] == [[b"event", b"t", 0, b"c", b"3", 2]]
+        assert r.execute_command("range", "$all", "1", "1")[0][1] == b"s"
+        assert r.execute_command("range", "nope", "-", "+") == []
+        assert r.execute_command("scan-streams", "0", "COUNT", "1") == [b"73", [b"s"]]
+        assert r.execute_command("scan-streams", "73") == [b"0", [b"t"]]
+        assert r.execute_command("envelope", "original") in (b"OK", True)
+        with pytest.raises(redis.ResponseError, match="invalid COUNT '0'"):
+            r.execute_command("range", "s", "-", "+", "COUNT", "0")
+        pipe = r.pipeline(transaction=False)
+        pipe.execute_command("range", "s", "0", "0")
+        pipe.execute_command("revrange", "s", "+", "-", "COUNT", "1")
+        pipe.execute_command("ping")
+        first, second, pong = pipe.execute()
+        assert first[0][4] == b"1" and second[0][4] == b"\x00\r\n" and pong in (True, b"PONG")
+    finally:
+        r.close()
