@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import click
 
@@ -33,6 +34,9 @@ Examples:
   meilies-cli subscribe --json '$all'
   meilies-cli subscribe orders-17:0 --exec 'jq .total'
   meilies-cli last-event-number orders-17
+  meilies-cli range orders-17 - + --count 50
+  meilies-cli revrange '$all' + - --count 1
+  meilies-cli subscribe --full '$all@1200'
   meilies-cli -h 10.0.0.5 -p 6480 --password secret stream-names
 """
 
@@ -150,6 +154,67 @@ def ping(client: Client, message: str | None) -> None:
     click.echo(client.ping(message).decode(errors="backslashreplace"))
 
 
+RANGE_HELP = """\b
+START and END are event numbers of STREAM, or global positions with STREAM '$all'
+(quote it in the shell); '-' is the first event, '+' the last, both ends included.
+At most --count events (the server's cap without it: 10,000).
+
+\b
+Output: one line per event, 'stream number event-name data position timestamp'
+(timestamp in ISO 8601 UTC, data escaped as for subscribe), or with --json
+{"stream", "number", "name", "data", "position", "timestamp"} per line.
+"""
+
+
+def _range_bound(value: str, param: str) -> int | str:
+    if value in ("-", "+"):
+        return value
+    if value.isdigit() and value.isascii():
+        return int(value)
+    raise click.BadParameter("must be '-', '+' or a non-negative integer", param_hint=param)
+
+
+@main.command("range", epilog=RANGE_HELP)
+@click.argument("stream")
+@click.argument("start", default="-")
+@click.argument("end", default="+")
+@click.option("--count", type=click.IntRange(1, 100_000), default=None,
+              help="Print at most this many events.")
+@click.option("--json", "json_lines", is_flag=True, help="Print JSON lines.")
+@click.pass_obj
+def range_(client: Client, stream: str, start: str, end: str, count: int | None,
+           json_lines: bool) -> None:
+    """Print the events of STREAM from START to END, ascending."""
+    events = client.range(stream, _range_bound(start, "START"), _range_bound(end, "END"),
+                          count)
+    _print_events(events, json_lines)
+
+
+@main.command("revrange", epilog=RANGE_HELP)
+@click.argument("stream")
+@click.argument("end", default="+")
+@click.argument("start", default="-")
+@click.option("--count", type=click.IntRange(1, 100_000), default=None,
+              help="Print at most this many events (the last ones).")
+@click.option("--json", "json_lines", is_flag=True, help="Print JSON lines.")
+@click.pass_obj
+def revrange(client: Client, stream: str, end: str, start: str, count: int | None,
+             json_lines: bool) -> None:
+    """Print the events of STREAM from END down to START, descending."""
+    events = client.revrange(stream, _range_bound(end, "END"), _range_bound(start, "START"),
+                             count)
+    _print_events(events, json_lines)
+
+
+def _print_events(events, json_lines: bool) -> None:
+    try:
+        for event in events:
+            click.echo(json.dumps(_as_json(event), ensure_ascii=False) if json_lines
+                       else _as_line(event))
+    except BrokenPipeError:
+        _silence_stdout()
+
+
 SUBSCRIBE_EPILOG = """\b
 Specs: NAME (live only), NAME:FROM, NAME:FROM:TO (TO exclusive; ends after TO-1),
 and the same for '$all' (quote it in the shell). One '$all' alone, or named
@@ -159,7 +224,12 @@ streams, each once.
 Output: one line per event, 'stream number event-name data'. Data that is not
 printable UTF-8 is escaped (\\n, \\t, \\xNN; a backslash as \\\\), so an event is
 always one line. --json prints {"stream", "number", "name", "data"} per line, with
-"data_base64" instead of "data" when the data is not UTF-8.
+"data_base64" instead of "data" when the data is not UTF-8. --full adds each
+event's global position and timestamp (ISO 8601 UTC) to the line, and "position",
+"timestamp" (ms since the epoch) to the JSON.
+
+\b
+'$all@POSITION' and '$all@FROM:TO' subscribe by global position.
 
 \b
 --exec COMMAND runs COMMAND with /bin/sh once per event, data on stdin, and
@@ -177,9 +247,12 @@ MEILIES_STREAM_NAME, MEILIES_EVENT_NAME, MEILIES_EVENT_NUMBER in its environment
 @click.option("--max-retries", type=click.IntRange(min=0), default=None,
               help="Give up after this many failed reconnects in a row (default: never).")
 @click.option("--no-reconnect", is_flag=True, help="Exit 1 when the connection drops.")
+@click.option("--full", is_flag=True,
+              help="Ask for full frames: print positions and timestamps too.")
 @click.pass_obj
 def subscribe(client: Client, specs: tuple[str, ...], json_lines: bool, command: str | None,
-              keep_going: bool, max_retries: int | None, no_reconnect: bool) -> None:
+              keep_going: bool, max_retries: int | None, no_reconnect: bool,
+              full: bool) -> None:
     """Print the events of SPEC... as they come; reconnect and resume after the last
     event printed when the connection drops (saying so on stderr). Ctrl-C exits 0."""
     for spec in specs:
@@ -196,7 +269,7 @@ def subscribe(client: Client, specs: tuple[str, ...], json_lines: bool, command:
     try:
         try:
             subscription = client.subscribe(*specs, reconnect=not no_reconnect,
-                                            max_retries=max_retries)
+                                            max_retries=max_retries, full=full)
         except ValueError as exc:  # specs that cannot go together ('$all' and 's', 's' twice)
             raise click.UsageError(str(exc)) from None
         for event in subscription:
@@ -205,7 +278,8 @@ def subscribe(client: Client, specs: tuple[str, ...], json_lines: bool, command:
             elif json_lines:
                 click.echo(json.dumps(_as_json(event), ensure_ascii=False))
             else:
-                click.echo(f"{event.stream} {event.number} {event.name} {printable(event.data)}")
+                click.echo(_as_line(event) if full else
+                           f"{event.stream} {event.number} {event.name} {printable(event.data)}")
     except KeyboardInterrupt:
         raise click.exceptions.Exit(0) from None
     except BrokenPipeError:
@@ -246,7 +320,26 @@ def _as_json(event: Event) -> dict:
         line["data"] = event.data.decode()
     except UnicodeDecodeError:
         line["data_base64"] = base64.b64encode(event.data).decode()
+    if event.position is not None:
+        line["position"] = event.position
+        line["timestamp"] = event.timestamp
+    if event.id is not None:
+        line["id"] = event.id
+    if event.metadata is not None:
+        try:
+            line["metadata"] = event.metadata.decode()
+        except UnicodeDecodeError:
+            line["metadata_base64"] = base64.b64encode(event.metadata).decode()
     return line
+
+
+def _as_line(event: Event) -> str:
+    """'stream number name data position timestamp' (the last two when known)."""
+    line = f"{event.stream} {event.number} {event.name} {printable(event.data)}"
+    if event.position is None:
+        return line
+    stamp = datetime.fromtimestamp(event.timestamp / 1000, timezone.utc)
+    return f"{line} {event.position} {stamp.isoformat(timespec='milliseconds')[:-6]}Z"
 
 
 # Control characters (C0, DEL, C1) and Unicode line/paragraph separators, escaped.
