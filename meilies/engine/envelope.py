@@ -27,9 +27,12 @@ an 8-byte event header in version 1).
 from __future__ import annotations
 
 import struct
+from itertools import chain, repeat
+from operator import add, itemgetter, sub
 
 from . import format as fmt
 from .errors import CorruptRecord
+from .index import ENTRY_SIZE, SealedIndex
 from .segment import Segment
 
 #: What a full frame starts with, in place of the stored frame's ``*5\r\n``.
@@ -40,7 +43,11 @@ NIL = b"$-1\r\n"
 _NO_ID_NOR_METADATA = NIL + NIL
 #: Where the timestamp sits in a record header (its last field, u64).
 TIMESTAMP_OFFSET = fmt.RECORD_HEADER_SIZE - 8
-_TIMESTAMP = struct.Struct("<Q")
+#: A record header's magic and timestamp, read in one call.
+_MAGIC_AND_TIMESTAMP = struct.Struct("<4s%dxQ" % (TIMESTAMP_OFFSET - 4))
+#: An index entry's frame offset and length.
+_OFFSET_LENGTH = struct.Struct("<II")
+_NO_ID_SUFFIX = b":%d\r\n:%d\r\n$-1\r\n$-1\r\n"
 
 
 def suffix(position: int, timestamp_ms: int, event_id: bytes | None = None,
@@ -59,23 +66,63 @@ def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[i
                       deltas: list[int]) -> list[int]:
     """The timestamp of each event of a read from ``segment``: frame offsets, lengths
     and position deltas in ascending position order (not necessarily consecutive: a
-    stream's events). One header lookup per record the read touches."""
-    out: list[int] = []
-    ts = 0
-    prev_end = prev_delta = -fmt.RECORD_HEADER_SIZE
-    for offset, length, delta in zip(offsets, lengths, deltas):
-        if delta != prev_delta + 1 or offset - prev_end >= fmt.RECORD_HEADER_SIZE:
-            ts = _timestamp_at(segment, buf, _record_start(segment, delta, offset))
-        out.append(ts)
-        prev_end = offset + length
-        prev_delta = delta
+    stream's events). One header read per record the read touches, in C-level passes
+    (single publishes make a record per event)."""
+    count = len(offsets)
+    ends = list(map(add, offsets, lengths))
+    steps = list(map(sub, deltas[1:], deltas[:-1]))
+    gaps = list(map(sub, offsets[1:], ends[:-1]))
+    # Events that start a record, after the first: a record header lies between them
+    # and the event before, or the event before is not the one at the position before.
+    firsts = [i for i, step, gap in zip(range(1, count), steps, gaps)
+              if step != 1 or gap >= fmt.RECORD_HEADER_SIZE]
+    # Where their headers are: right after the frame before, when that frame is the
+    # event at the position before; else found in the position index.
+    headers = [ends[i - 1] if steps[i - 1] == 1 else -1 for i in firsts]
+    unknown = [k for k, at in enumerate(headers) if at < 0]
+    if unknown:
+        found = _record_starts(segment, [deltas[firsts[k]] for k in unknown],
+                               [offsets[firsts[k]] for k in unknown])
+        for k, at in zip(unknown, found):
+            headers[k] = at
+    headers.insert(0, _record_starts(segment, deltas[:1], offsets[:1])[0])
+    magics_and_stamps = list(map(_MAGIC_AND_TIMESTAMP.unpack_from, repeat(buf), headers))
+    if any(magic != fmt.RECORD_MAGIC for magic, _ts in magics_and_stamps):
+        at = next(h for h, (magic, _ts) in zip(headers, magics_and_stamps)
+                  if magic != fmt.RECORD_MAGIC)
+        raise CorruptRecord(segment.path, at, "the index points at a frame whose record"
+                            " header is not where the records before it end")
+    stamps = list(map(itemgetter(1), magics_and_stamps))
+    if len(stamps) == count:  # a record per event
+        return stamps
+    sizes = list(map(sub, firsts + [count], [0] + firsts))
+    return list(chain.from_iterable(map(repeat, stamps, sizes)))
+
+
+def _record_starts(segment: Segment, deltas: list[int], offsets: list[int]) -> list[int]:
+    """The offset of the header of the record that holds each index entry ``deltas[k]``
+    (whose frame is at ``offsets[k]``): where the frame of the entry before ends, when a
+    record header fits between them; else the record started earlier (a read that
+    begins inside a record), walked back entry by entry."""
+    index = segment.index
+    buf = index.buffer if isinstance(index, SealedIndex) else index.entries
+    positive = [d - 1 if d > 0 else 0 for d in deltas]
+    befores = list(map(_OFFSET_LENGTH.unpack_from, repeat(buf),
+                       [d * ENTRY_SIZE for d in positive]))
+    out = []
+    for delta, offset, (before_offset, before_length) in zip(deltas, offsets, befores):
+        if delta == 0:
+            out.append(fmt.SEGMENT_HEADER_SIZE)
+        elif offset - (before_offset + before_length) >= fmt.RECORD_HEADER_SIZE:
+            out.append(before_offset + before_length)
+        else:
+            out.append(_walk_back(index, delta - 1, before_offset))
     return out
 
 
-def _record_start(segment: Segment, delta: int, offset: int) -> int:
-    """The offset of the header of the record that holds index entry ``delta``, whose
-    frame is at ``offset`` (see the module docstring)."""
-    index = segment.index
+def _walk_back(index, delta: int, offset: int) -> int:
+    """:func:`_record_starts` for entry ``delta`` (frame at ``offset``), which shares its
+    record with the entry after it."""
     while delta > 0:
         before_offset, before_length = index.entry(delta - 1)[:2]
         end = before_offset + before_length
@@ -84,13 +131,6 @@ def _record_start(segment: Segment, delta: int, offset: int) -> int:
         delta -= 1
         offset = before_offset
     return fmt.SEGMENT_HEADER_SIZE
-
-
-def _timestamp_at(segment: Segment, buf, at: int) -> int:
-    if buf[at:at + 4] != fmt.RECORD_MAGIC:
-        raise CorruptRecord(segment.path, at, "the index points at a frame whose record"
-                            " header is not where the records before it end")
-    return _TIMESTAMP.unpack_from(buf, at + TIMESTAMP_OFFSET)[0]
 
 
 def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
@@ -105,11 +145,9 @@ def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
     stamps = record_timestamps(segment, buf, offsets, lengths, deltas)
     base = segment.base_position
     cut = ORIGINAL_HEAD_LENGTH
-    pieces: list[bytes | memoryview] = []
-    events = zip(offsets, lengths, deltas, stamps)
+    bodies = [view[offset + cut:offset + length] for offset, length in zip(offsets, lengths)]
+    suffixes = list(map(_NO_ID_SUFFIX.__mod__, zip(map(add, repeat(base), deltas), stamps)))
     if descending:
-        events = reversed(list(events))
-    for offset, length, delta, ts in events:
-        pieces += (FULL_HEAD, view[offset + cut:offset + length],
-                   b":%d\r\n:%d\r\n$-1\r\n$-1\r\n" % (base + delta, ts))
-    return pieces
+        bodies.reverse()
+        suffixes.reverse()
+    return list(chain.from_iterable(zip(repeat(FULL_HEAD), bodies, suffixes)))
