@@ -47,6 +47,7 @@ TIMESTAMP_OFFSET = fmt.RECORD_HEADER_SIZE - 8
 _MAGIC_AND_TIMESTAMP = struct.Struct("<4s%dxQ" % (TIMESTAMP_OFFSET - 4))
 #: An index entry's frame offset and length.
 _OFFSET_LENGTH = struct.Struct("<II")
+_ONLY_MAGIC = {fmt.RECORD_MAGIC}
 _NO_ID_SUFFIX = b":%d\r\n:%d\r\n$-1\r\n$-1\r\n"
 
 
@@ -87,7 +88,7 @@ def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[i
             headers[k] = at
     headers.insert(0, _record_starts(segment, deltas[:1], offsets[:1])[0])
     magics_and_stamps = list(map(_MAGIC_AND_TIMESTAMP.unpack_from, repeat(buf), headers))
-    if any(magic != fmt.RECORD_MAGIC for magic, _ts in magics_and_stamps):
+    if set(map(itemgetter(0), magics_and_stamps)) != _ONLY_MAGIC:
         at = next(h for h, (magic, _ts) in zip(headers, magics_and_stamps)
                   if magic != fmt.RECORD_MAGIC)
         raise CorruptRecord(segment.path, at, "the index points at a frame whose record"
@@ -106,17 +107,19 @@ def _record_starts(segment: Segment, deltas: list[int], offsets: list[int]) -> l
     begins inside a record), walked back entry by entry."""
     index = segment.index
     buf = index.buffer if isinstance(index, SealedIndex) else index.entries
-    positive = [d - 1 if d > 0 else 0 for d in deltas]
     befores = list(map(_OFFSET_LENGTH.unpack_from, repeat(buf),
-                       [d * ENTRY_SIZE for d in positive]))
+                       [(d - 1) * ENTRY_SIZE if d > 0 else 0 for d in deltas]))
+    ends = list(map(sum, befores))
+    if 0 not in deltas and min(map(sub, offsets, ends)) >= fmt.RECORD_HEADER_SIZE:
+        return ends  # each one starts its record (the common case): C-level passes only
     out = []
-    for delta, offset, (before_offset, before_length) in zip(deltas, offsets, befores):
+    for delta, offset, end in zip(deltas, offsets, ends):
         if delta == 0:
             out.append(fmt.SEGMENT_HEADER_SIZE)
-        elif offset - (before_offset + before_length) >= fmt.RECORD_HEADER_SIZE:
-            out.append(before_offset + before_length)
+        elif offset - end >= fmt.RECORD_HEADER_SIZE:
+            out.append(end)
         else:
-            out.append(_walk_back(index, delta - 1, before_offset))
+            out.append(_walk_back(index, delta - 1, end - befores[len(out)][1]))
     return out
 
 
