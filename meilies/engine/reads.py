@@ -298,7 +298,7 @@ def stream_full_frames(engine: Engine, stream: bytes | int, start: int, stop: in
     """Full frames (envelope.py) of a stream's visible events numbered ``start`` ..
     ``stop-1``: ascending from ``start``, or descending from ``stop-1``.
 
-    Returns the frames as pieces to join (three per event), how many events they
+    Returns the frames as pieces to join, how many events they
     hold, and where to go on: the number after the last one returned (ascending) or
     the last one returned (descending: the next call's ``stop``). At most
     ``max_events`` events and about ``max_bytes`` of stored frames per call (always
