@@ -216,7 +216,7 @@ def encode_record(stream: bytes, stream_id: int, base_position: int, first_numbe
     lengths = list(map(len, frames))
     at = RECORD_HEADER_SIZE + len(stream)
     if timestamp_ms is None:
-        timestamp_ms = int(time.time() * 1000)
+        timestamp_ms = time.time_ns() // 1_000_000
     if version == 3:  # the lengths with a check per frame, then the frames back to back
         table = array("I", bytes(EVENT_ENTRY_SIZE * count))
         table[0::3] = array("I", lengths)
@@ -265,7 +265,7 @@ def encode_single(stream: bytes, stream_id: int, position: int, number: int, nam
     head = b"*5\r\n+event\r\n+%s\r\n:%d\r\n+%s\r\n$%d\r\n" % (stream, number, name, len(data))
     frame_len = len(head) + len(data) + 2
     name_len = len(stream)
-    timestamp_ms = int(time.time() * 1000)
+    timestamp_ms = time.time_ns() // 1_000_000
     if version == 3:
         frame = b"".join((head, data, b"\r\n"))
         covered = b"".join((
