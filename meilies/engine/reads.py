@@ -308,15 +308,10 @@ def stream_full_frames(engine: Engine, stream: bytes | int, start: int, stop: in
     sid = stream if isinstance(stream, int) else engine.streams.ids.get(stream)
     if sid is None:
         return [], 0, start
-    end = engine.streams.visible_next[sid]
-    if stop is not None and stop < end:
-        end = stop
-    if start >= end:
+    window = _window(start, stop, engine.streams.visible_next[sid], max_events, descending)
+    if window is None:
         return [], 0, start
-    if descending:
-        lo, hi = max(start, end - max_events), end
-    else:
-        lo, hi = start, min(end, start + max_events)
+    lo, hi = window
     groups = _cut(_stream_columns(engine, sid, lo, hi), max_bytes, descending)
     count = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
     return _pieces(groups, descending), count, hi - count if descending else lo + count
@@ -336,15 +331,10 @@ def all_full_frames(engine: Engine, start: int, stop: int | None = None, *,
     engine._check_open()
     filtered = min_number != 0 or max_number is not None
     assert not (filtered and descending), "number filters read ascending"
-    end = engine._visible_position
-    if stop is not None and stop < end:
-        end = stop
-    if start >= end:
+    window = _window(start, stop, engine._visible_position, max_events, descending)
+    if window is None:
         return [], 0, start
-    if descending:
-        lo, hi = max(start, end - max_events), end
-    else:
-        lo, hi = start, min(end, start + max_events)
+    lo, hi = window
     groups: list[Columns] = []
     position = lo
     k = bisect.bisect_right(engine._bases, position) - 1
@@ -373,6 +363,18 @@ def all_full_frames(engine: Engine, start: int, stop: int | None = None, *,
         segment, _offsets, _lengths, deltas = groups[-1]
         hi = segment.base_position + deltas[-1] + 1
     return _pieces(groups, False), count, hi
+
+
+def _window(start: int, stop: int | None, visible: int, max_events: int,
+            descending: bool) -> tuple[int, int] | None:
+    """The [lo, hi) a full-frame read covers: what is visible of [start, stop), at most
+    ``max_events`` from its start (ascending) or its end (descending); None if empty."""
+    end = visible if stop is None or stop > visible else stop
+    if start >= end:
+        return None
+    if descending:
+        return max(start, end - max_events), end
+    return start, min(end, start + max_events)
 
 
 def _numbered(segment: Segment, first: int, upto: int, min_number: int,

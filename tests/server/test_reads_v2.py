@@ -313,6 +313,17 @@ def test_envelope_full_byte_for_byte_and_back_to_original(store):
     c.expect(subscribed(b"t") + event_frame(b"t", 0, b"x", b"bin\r\n\x00"))
 
 
+def test_envelope_full_with_an_all_spec_by_numbers(store):
+    """``$all:from:to`` bounds each stream's numbers; with full frames too."""
+    c = store.client
+    assert c.call("envelope", "full") == b"+OK\r\n"
+    c.send(command("subscribe", "$all:1:2"))
+    c.expect(subscribed(b"$all"))
+    wanted = [e for e in store.events if e[1] == 1]  # s:1 and u:1, in position order
+    expect_frames(b"".join(read_values(c, len(wanted))), wanted, header=False)
+    assert c.call("ping") == b"+PONG\r\n"
+
+
 @pytest.mark.parametrize("kind", [b"FULL", b"Original"])
 def test_envelope_is_case_insensitive(server, kind):
     assert server.client().call("envelope", kind) == b"+OK\r\n"
