@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import statistics
 import subprocess
 import sys
@@ -229,3 +230,23 @@ def proc_status_kb(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def connect(port: int) -> socket.socket:
+    """A client socket to the server on ``port``, Nagle off."""
+    sock = socket.create_connection((HOST, port), timeout=30)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def close_all(socks) -> None:
+    """Close ``socks`` with a reset (linger on, 0 s), leaving no TIME_WAIT behind."""
+    for sock in socks:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass

@@ -88,7 +88,6 @@ import select
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -98,7 +97,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (HOST, CLK_TCK, REDIS_SERVER, Client, command, figure,  # noqa: E402
+from bench_common import (HOST, CLK_TCK, REDIS_SERVER, Client, close_all, command, connect, figure,  # noqa: E402
                           log, median, meilies_frames_total, proc_status_kb,
                           redis_available, start_meilies, start_redis)
 from bench_server import Cpu, RedisEntries, replay_redis  # noqa: E402
@@ -149,25 +148,6 @@ def summarize(name: str, m_runs: list[dict], r_runs: list[dict], key: str,
 def median_run(runs: list[dict], key: str) -> dict:
     """The run whose ``key`` is the median (the lower middle one for an even count)."""
     return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
-
-
-def connect(port: int) -> socket.socket:
-    sock = socket.create_connection((HOST, port), timeout=30)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def close_all(socks) -> None:
-    for sock in socks:
-        try:
-            # linger on, 0 s: close with a reset, leaving no TIME_WAIT behind
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
 
 
 # -- counting replies without parsing them ----------------------------------------------------

@@ -54,8 +54,6 @@ import select
 import selectors
 import shutil
 import signal
-import socket
-import struct
 import sys
 import tempfile
 import time
@@ -63,7 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (HOST, Client, command, figure, log, median,  # noqa: E402
+from bench_common import (Client, close_all, command, connect, figure, log, median,  # noqa: E402
                           meilies_frames_total, percentile, redis_available, start_meilies,
                           start_redis)
 
@@ -137,25 +135,6 @@ class Cpu:
                 "server_cpu": round((self.server.cpu_seconds() - self.srv) / wall, 3)}
 
 
-def _connect(port: int) -> socket.socket:
-    sock = socket.create_connection((HOST, port), timeout=30)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-def _close_all(socks) -> None:
-    for sock in socks:
-        try:
-            # linger on, 0 s: close with a reset, leaving no TIME_WAIT behind
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
-
-
 def stored_count(kind: str, port: int, stream: bytes) -> int:
     c = Client(port)
     try:
@@ -185,7 +164,7 @@ def run_publish(kind: str, server, stream: bytes, depth: int, conns: int, second
     """
     request, nl = publish_request(kind, stream, b"x" * DATA_LEN)
     batch = request * depth
-    socks = [_connect(server.port) for _ in range(conns)]
+    socks = [connect(server.port) for _ in range(conns)]
     ep = select.epoll()
     buf = bytearray(1 << 20)
     pending = [0] * conns
@@ -241,7 +220,7 @@ def run_publish(kind: str, server, stream: bytes, depth: int, conns: int, second
             raise TimeoutError(f"{kind} publish loop hit its {limit}s limit")
     finally:
         ep.close()
-        _close_all(socks)
+        close_all(socks)
     elapsed = min(t_end, time.perf_counter()) - t0
     latencies.sort()
     return {"events_per_s": counted / elapsed if elapsed > 0 else None,
@@ -316,7 +295,7 @@ def replay_meilies(server, stream: bytes, count: int, limit: float) -> dict:
     """Subscribe ``stream:0:count`` and count bytes until every frame has arrived."""
     confirm = b"*2\r\n+subscribed\r\n+%s\r\n" % stream
     expected = len(confirm) + meilies_frames_total(stream, EVENT_NAME, 0, count, DATA_LEN)
-    sock = _connect(server.port)
+    sock = connect(server.port)
     buf = bytearray(RECV_SIZE)
     received = 0
     try:
@@ -340,7 +319,7 @@ def replay_meilies(server, stream: bytes, count: int, limit: float) -> dict:
         t1 = time.perf_counter()
         cpu_result = cpu.done()
     finally:
-        _close_all([sock])
+        close_all([sock])
     first = confirm + b"*5\r\n+event\r\n+%s\r\n:0\r\n+%s\r\n$%d\r\n" % (stream, EVENT_NAME,
                                                                      DATA_LEN)
     if received != expected or not head.startswith(first) or \
@@ -398,7 +377,7 @@ class RedisEntries:
 
 
 def replay_redis(server, stream: bytes, count: int, page: int, limit: float) -> dict:
-    sock = _connect(server.port)
+    sock = connect(server.port)
     sock.settimeout(10.0)
     buf = bytearray(RECV_SIZE)
     view = memoryview(buf)
@@ -431,7 +410,7 @@ def replay_redis(server, stream: bytes, count: int, page: int, limit: float) -> 
         t1 = time.perf_counter()
         cpu_result = cpu.done()
     finally:
-        _close_all([sock])
+        close_all([sock])
     if got != count:
         raise RuntimeError(f"redis replay: got {got} entries, expected {count}")
     seconds = t1 - t0
@@ -534,10 +513,10 @@ def run_fanout(kind: str, server, stream: bytes, cfg: Settings, events: int,
     read_count = cfg.fanout_read_count
     xread_prefix = b"*1\r\n*2\r\n$%d\r\n%s\r\n*" % (len(stream), stream)
     try:
-        pub = _connect(server.port)
+        pub = connect(server.port)
         socks.append(pub)
         for i in range(nsubs):
-            sock = _connect(server.port)
+            sock = connect(server.port)
             socks.append(sock)
             subs.append(Sub(sock, i < cfg.fanout_probes))
         if kind == "meilies":
@@ -660,7 +639,7 @@ def run_fanout(kind: str, server, stream: bytes, cfg: Settings, events: int,
                                f"{cfg.loop_limit}s")
     finally:
         sel.close()
-        _close_all(socks)
+        close_all(socks)
     bad = [s for s in subs if kind == "meilies" and s.received != s.expected]
     if bad:
         raise RuntimeError(f"meilies fan-out: a subscriber got {bad[0].received} bytes, "
@@ -735,7 +714,7 @@ def run_idle(kind: str, server, count: int, batch: int, limit: float) -> dict:
         for lo in range(0, count, batch):
             group = []
             for i in range(lo, min(count, lo + batch)):
-                sock = _connect(server.port)
+                sock = connect(server.port)
                 socks.append(sock)
                 group.append((i, sock))
                 name = b"s-%d" % i
@@ -782,7 +761,7 @@ def run_idle(kind: str, server, count: int, batch: int, limit: float) -> dict:
         time.sleep(0.5)
         rss_kb = server.rss_kb()
     finally:
-        _close_all(socks)
+        close_all(socks)
     return {"rss_mb": rss_kb / 1024, "base_mb": base_kb / 1024,
             "kb_per_connection": (rss_kb - base_kb) / count, "settle_s": settle}
 
