@@ -624,7 +624,7 @@ class Engine:
 
     def stream_spans(self, stream: bytes | int, start: int, stop: int | None = None, *,
                      max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES
-                     ) -> tuple[list[memoryview], int]:
+                     ) -> tuple[list[bytes | memoryview], int]:
         """The frames of :meth:`stream_frames` in as few views as the log allows
         (:func:`reads.stream_spans`)."""
         return reads.stream_spans(self, stream, start, stop, max_events=max_events,
@@ -640,7 +640,7 @@ class Engine:
 
     def all_spans(self, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
                   min_number: int = 0, max_number: int | None = None,
-                  max_bytes: int | None = None) -> tuple[list[memoryview], int]:
+                  max_bytes: int | None = None) -> tuple[list[bytes | memoryview], int]:
         """The frames of :meth:`all_frames` in as few views as the log allows
         (:func:`reads.all_spans`)."""
         return reads.all_spans(self, position, max_events=max_events, min_number=min_number,

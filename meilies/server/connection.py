@@ -348,7 +348,7 @@ class Connection:
         finally:
             self._subscriptions.discard(gevent.getcurrent())
 
-    def _send_frames(self, views: list[memoryview]) -> None:
+    def _send_frames(self, views: list[bytes | memoryview]) -> None:
         """Send stored frames: a few views of the log as they are (no copy of ours while
         a slow client drains them; a stored batch is one view), many small ones joined
         (one copy is cheaper than a view per frame to the kernel)."""
@@ -432,9 +432,9 @@ _NAME = itemgetter(0)
 _STREAM = itemgetter(1)
 
 
-def _send_views(sock, views: list[memoryview]) -> None:
+def _send_views(sock, views: list[bytes | memoryview]) -> None:
     """Send every byte of ``views`` with ``sendmsg`` (gather, no joined copy)."""
-    pending = list(views)
+    pending = [memoryview(view) for view in views]
     while pending:
         sent = sock.sendmsg(pending)
         while pending and sent >= pending[0].nbytes:

@@ -98,7 +98,7 @@ def _bad_spec(raw: bytes, reason: str) -> CommandError:
 
 
 def serve(spec: Spec, engine: Engine, notifier: Notifier,
-          send: Callable[[list[memoryview]], None], start: int, wakeup: Event,
+          send: Callable[[list[bytes | memoryview]], None], start: int, wakeup: Event,
           full: bool = False) -> None:
     """Serve one subscription until its range ends (or the greenlet is killed).
 
