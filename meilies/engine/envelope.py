@@ -146,11 +146,11 @@ def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
     if not offsets:
         return []
     buf = segment.buffer(offsets[-1] + lengths[-1])
-    view = memoryview(buf)
     stamps = record_timestamps(segment, buf, offsets, lengths, deltas)
     base = segment.base_position
     cut = ORIGINAL_HEAD_LENGTH
-    bodies = [view[offset + cut:offset + length] for offset, length in zip(offsets, lengths)]
+    # Copies, not views: a memoryview per event is an object the collector tracks.
+    bodies = [buf[offset + cut:offset + length] for offset, length in zip(offsets, lengths)]
     positions = list(map(add, repeat(base), deltas))
     if descending:
         bodies.reverse()
