@@ -28,8 +28,8 @@ deleted, so that an interrupted salvage leaves either the old segment or the new
 from __future__ import annotations
 
 import os
-from itertools import takewhile
 from dataclasses import dataclass, field
+from itertools import takewhile
 from pathlib import Path
 
 from .. import format as fmt
