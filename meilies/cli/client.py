@@ -276,7 +276,9 @@ def subscribe(client: Client, specs: tuple[str, ...], json_lines: bool, command:
             if command is not None:
                 _run(command, event, keep_going)
             elif json_lines:
-                click.echo(json.dumps(_as_json(event), ensure_ascii=False))
+                # A $all subscription gets positions anyway (it resumes by them): they
+                # are printed only when asked for, as the help says.
+                click.echo(json.dumps(_as_json(event, positions=full), ensure_ascii=False))
             else:
                 click.echo(_as_line(event) if full else
                            f"{event.stream} {event.number} {event.name} {printable(event.data)}")
@@ -314,13 +316,13 @@ def _run(command: str, event: Event, keep_going: bool) -> None:
     _fail(f"command exited with {code} on {where}; stopping", code)
 
 
-def _as_json(event: Event) -> dict:
+def _as_json(event: Event, positions: bool = True) -> dict:
     line = {"stream": event.stream, "number": event.number, "name": event.name}
     try:
         line["data"] = event.data.decode()
     except UnicodeDecodeError:
         line["data_base64"] = base64.b64encode(event.data).decode()
-    if event.position is not None:
+    if positions and event.position is not None:
         line["position"] = event.position
         line["timestamp"] = event.timestamp
     if event.id is not None:

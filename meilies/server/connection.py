@@ -214,7 +214,9 @@ class Connection:
                 log.exception("internal error running %r", request[0][:64])
                 reply = INTERNAL_ERROR
             out.append(reply)
-        except gevent.GreenletExit:
+        except (gevent.GreenletExit, ConnectionError):
+            # ConnectionError: the peer is gone (a subscribe sends as it runs); the
+            # request loop ends the connection. Not a bug to log.
             raise
         except Exception:
             log.exception("internal error running %r", request[0][:64])
@@ -299,8 +301,13 @@ class Connection:
                         pending.append(part)
                         _send_all(self.sock, b"".join(pending))
                         pending.clear()
-                except ranges.ReplyCut as exc:
-                    log.error("connection %s: reply cut short, closing: %s", self.address, exc)
+                except ConnectionError:
+                    raise  # the peer is gone: the request loop ends the connection
+                except Exception as exc:  # noqa: BLE001 -- a reply cannot be mended halfway
+                    # ReplyCut, or e.g. damage found by a later part's read: the array
+                    # header is out, so the connection cannot go on; the server does.
+                    log.error("connection %s: %s reply cut short, closing the connection:"
+                              " %s", self.address, type(exc).__name__, exc)
                     self.closing = True
                     pending.clear()
                     break
@@ -327,7 +334,15 @@ class Connection:
                     else self.engine.next_number(spec.stream)
             starts.append(start)
         # The confirmations must reach the client before any event of these specs.
-        self.flush()
+        try:
+            self.flush()
+        except BaseException:
+            # The peer is gone (a large reply before this subscribe was still being
+            # sent): nothing will serve these watchers, so they must not stay counted
+            # and woken forever.
+            for spec, wakeup in zip(specs, wakeups):
+                server.notifier.unwatch(spec.stream, wakeup)
+            raise
         full = self.full_envelope
         for i, (spec, start, wakeup) in enumerate(zip(specs, starts, wakeups), 1):
             greenlet = gevent.spawn(self._serve, spec, start, wakeup, full)

@@ -164,6 +164,16 @@ def test_cli_subscribe_full_prints_positions(server, filled):
     result = cli(server.port, "subscribe", "--full", "s:0:2")
     assert [line.rsplit(" ", 1)[0] for line in result.stdout.splitlines()] == [
         "s 0 a 1 0", "s 1 b 2 1"]
-    result = cli(server.port, "subscribe", "--json", "$all@2:4")
+    result = cli(server.port, "subscribe", "--json", "--full", "$all@2:4")
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["stream"], r["position"]) for r in rows] == [("t", 2), ("s", 3)]
+
+
+def test_cli_subscribe_json_prints_positions_only_with_full(server, filled):
+    """A $all subscription resumes by position, so its events have one; the output
+    shows it only with --full, as the help says."""
+    plain = cli(server.port, "subscribe", "--json", "$all@0:2")
+    full = cli(server.port, "subscribe", "--json", "--full", "s:0:1")
+    rows = [json.loads(line) for line in plain.stdout.splitlines()]
+    assert [r["number"] for r in rows] == [0, 1] and all("position" not in r for r in rows)
+    assert json.loads(full.stdout.splitlines()[0])["position"] == 0

@@ -10,12 +10,14 @@ every byte of the reply with the frames it expects.
 from __future__ import annotations
 
 import re
+import socket
+import struct
 import time
 
 import hiredis
 import pytest
 
-from serverproc import DEADLINE, command, event_frame, subscribed
+from serverproc import DEADLINE, command, event_frame, subscribed, wait_for
 
 TIMESTAMP = re.compile(rb":(\d{13})\r\n\$-1\r\n\$-1\r\n")
 
@@ -496,3 +498,32 @@ def test_a_million_streams_are_listed_in_pages(start_server):
         if cursor == b"0":
             break
     assert seen == total and biggest <= 50_000 * len(b"+agg-0000000\r\n") + 64
+
+
+def test_a_client_gone_during_a_big_range_leaves_no_subscription_behind(start_server):
+    """A subscribe pipelined behind a range whose reply is still being sent when the
+    client goes away: its watchers are let go of, and nothing is logged as a bug
+    (found by review: they stayed counted, and woken, forever)."""
+    server = start_server("--fsync", "no")
+    c = server.client()
+    for first in range(0, 20_000, 1000):
+        args = ["append", "big", "any"]
+        for _ in range(1000):
+            args += [b"e", b"q" * 400]
+        c.call(*args)
+    for _ in range(5):
+        gone = server.client()
+        gone.send(command("range", "big", "-", "+", "COUNT", "100000")
+                  + command("subscribe", "big", "$all"))
+        gone.read_exactly(1)  # the ~9 MB reply has begun: the server is sending it
+        gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()  # a reset, the rest unread
+
+    def settled() -> bool:
+        fields = dict(line.split(":", 1) for line in
+                      c.call("info").decode().splitlines() if ":" in line)
+        return fields["subscribers"] == "0" and fields["connected_clients"] == "1"
+
+    wait_for(settled, what="every subscription of the gone clients let go of")
+    assert "internal error" not in server.log()
+    assert c.call("ping") == b"+PONG\r\n"
