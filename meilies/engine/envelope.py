@@ -48,6 +48,8 @@ _MAGIC_AND_TIMESTAMP = struct.Struct("<4s%dxQ" % (TIMESTAMP_OFFSET - 4))
 #: An index entry's frame offset and length.
 _OFFSET_LENGTH = struct.Struct("<II")
 _ONLY_MAGIC = {fmt.RECORD_MAGIC}
+_MISPLACED_HEADER = ("the index points at a frame whose record header is not where the"
+                     " records before it end")
 #: A full frame of an event without id and metadata: the stored frame after its
 #: ``*5\r\n``, then position and timestamp.
 _FULL_FRAME = FULL_HEAD + b"%b:%d\r\n:%d\r\n$-1\r\n$-1\r\n"
@@ -73,6 +75,10 @@ def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[i
     (single publishes make a record per event)."""
     count = len(offsets)
     ends = list(map(add, offsets, lengths))
+    if deltas[-1] - deltas[0] == count - 1 and offsets[1:] == ends[:-1]:
+        # Consecutive positions, frames back to back: one record (formats 2 and 3),
+        # one header to read (a batch: an aggregate appended at once).
+        return [_one_timestamp(segment, buf, deltas[0], offsets[0])] * count
     steps = list(map(sub, deltas[1:], deltas[:-1]))
     gaps = list(map(sub, offsets[1:], ends[:-1]))
     # Events that start a record, after the first: a record header lies between them
@@ -93,13 +99,20 @@ def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[i
     if set(map(itemgetter(0), magics_and_stamps)) != _ONLY_MAGIC:
         at = next(h for h, (magic, _ts) in zip(headers, magics_and_stamps)
                   if magic != fmt.RECORD_MAGIC)
-        raise CorruptRecord(segment.path, at, "the index points at a frame whose record"
-                            " header is not where the records before it end")
+        raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
     stamps = list(map(itemgetter(1), magics_and_stamps))
     if len(stamps) == count:  # a record per event
         return stamps
     sizes = list(map(sub, firsts + [count], [0] + firsts))
     return list(chain.from_iterable(map(repeat, stamps, sizes)))
+
+
+def _one_timestamp(segment: Segment, buf, delta: int, offset: int) -> int:
+    at = _record_starts(segment, [delta], [offset])[0]
+    magic, stamp = _MAGIC_AND_TIMESTAMP.unpack_from(buf, at)
+    if magic != fmt.RECORD_MAGIC:
+        raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
+    return stamp
 
 
 def _record_starts(segment: Segment, deltas: list[int], offsets: list[int]) -> list[int]:
