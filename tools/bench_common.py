@@ -7,6 +7,8 @@ and stopped by pid (SIGTERM, then SIGKILL after a grace period).
 from __future__ import annotations
 
 import os
+import platform
+import re
 import shutil
 import signal
 import socket
@@ -250,3 +252,78 @@ def close_all(socks) -> None:
             sock.close()
         except OSError:
             pass
+
+
+# -- what every benchmark's run and report share ---------------------------------------------
+
+#: Every run's value behind each median figure, by figure name: the report's ``runs``.
+RAW: dict[str, dict[str, list]] = {}
+
+
+def summarize(name: str, m_runs: list[dict], r_runs: list[dict], key: str,
+              digits: int = 3) -> dict:
+    """The figure for ``key`` (median over runs); every run's value goes to ``RAW``."""
+    m = [r[key] for r in m_runs]
+    rd = [r[key] for r in r_runs]
+    RAW[name] = {"meilies": [None if v is None else round(v, digits) for v in m],
+                 "redis": [None if v is None else round(v, digits) for v in rd]}
+    return figure(median(m), median(rd), digits)
+
+
+def median_run(runs: list[dict], key: str) -> dict:
+    """The run whose ``key`` is the median (the lower middle one for an even count)."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a benchmark as Ctrl-C does: its servers stopped, its files removed."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def run_scenarios(table: dict, chosen: list[str], *args) -> dict[str, str]:
+    """Run each scenario of ``table`` (name -> function of ``*args``) that is
+    ``chosen``, in the table's order; return the failures, by name. A scenario that
+    fails is reported, and the others still run."""
+    failures = {}
+    for name, scenario in table.items():
+        if name not in chosen:
+            continue
+        started = time.perf_counter()
+        try:
+            scenario(*args)
+        except (RuntimeError, OSError, TimeoutError, ConnectionError) as exc:
+            log(f"{name}: FAILED: {exc!r}")
+            failures[name] = repr(exc)
+        log(f"{name}: done in {time.perf_counter() - started:.1f} s")
+    return failures
+
+
+def report_meta(tool: str, cfg, started: float, load_before: tuple, client: str,
+                notes: list[str]) -> dict:
+    """The ``meta`` section of a benchmark's JSON report."""
+    return {
+        "tool": tool,
+        "argv": sys.argv[1:],
+        "runs": cfg.runs, "quick": cfg.quick,
+        "seconds": round(time.perf_counter() - started, 1),
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "redis": redis_version(),
+        "client": client,
+        "notes": notes,
+    }
+
+
+def redis_version() -> str | None:
+    try:
+        out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True,
+                             timeout=10).stdout
+        m = re.search(r"v=(\S+)", out)
+        return m.group(1) if m else out.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -81,14 +81,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
-import re
 import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,9 +94,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (HOST, CLK_TCK, REDIS_SERVER, Client, close_all, command, connect, figure,  # noqa: E402
-                          log, median, meilies_frames_total, proc_status_kb,
-                          redis_available, start_meilies, start_redis)
+from bench_common import (CLK_TCK, HOST, RAW, Client, close_all, command,  # noqa: E402
+                          connect, figure, log, median, median_run, meilies_frames_total,
+                          proc_status_kb, redis_available, report_meta, run_scenarios,
+                          start_meilies, start_redis, stop_on_sigterm, summarize)
 from bench_server import Cpu, RedisEntries, replay_redis  # noqa: E402
 
 SCENARIOS = ("aggregate", "catchup_singles", "range_big")
@@ -114,7 +112,6 @@ EVENT_FRAME = b"*5\r\n+event\r\n+"
 FULL_FRAME = b"*9\r\n+event\r\n+"
 
 #: Every run's value behind each figure, for the "runs" section of the report.
-RAW: dict[str, dict[str, list]] = {}
 
 
 class Settings:
@@ -133,21 +130,6 @@ class Settings:
         self.big_events = 100_000
         self.ceiling_seconds = 0.3 if quick else 1.0
         self.loop_limit = 120.0 if quick else 300.0  # seconds any one measured loop may take
-
-
-def summarize(name: str, m_runs: list[dict], r_runs: list[dict], key: str,
-              digits: int = 3) -> dict:
-    """The figure for ``key`` (median over runs); every run's value goes to ``RAW``."""
-    m = [r[key] for r in m_runs]
-    rd = [r[key] for r in r_runs]
-    RAW[name] = {"meilies": [round(v, digits) for v in m],
-                 "redis": [round(v, digits) for v in rd]}
-    return figure(median(m), median(rd), digits)
-
-
-def median_run(runs: list[dict], key: str) -> dict:
-    """The run whose ``key`` is the median (the lower middle one for an even count)."""
-    return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
 
 
 # -- counting replies without parsing them ----------------------------------------------------
@@ -937,20 +919,6 @@ def targets(results: dict) -> dict:
     return out
 
 
-def _on_signal(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _redis_version() -> str | None:
-    try:
-        out = subprocess.run([REDIS_SERVER, "--version"], capture_output=True, text=True,
-                             timeout=10).stdout
-        m = re.search(r"v=(\S+)", out)
-        return m.group(1) if m else out.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
@@ -971,7 +939,7 @@ def main() -> int:
               "Redis, so there is nothing to compare against (apt-get install redis-server)",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
+    stop_on_sigterm()
     if len(ALL_CPUS) < 2 and args.pin == "split":
         parser.error("--pin split needs two CPUs")
     cfg = Settings(args.quick, args.runs, args.pin)
@@ -981,52 +949,34 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meilies-bench-reads-"))
     started = time.perf_counter()
     load_before = os.getloadavg()
-    failures = {}
     try:
-        for name in SCENARIOS:
-            if name not in chosen:
-                continue
-            t = time.perf_counter()
-            try:
-                {"aggregate": scenario_aggregate, "catchup_singles": scenario_catchup,
-                 "range_big": scenario_range_big}[name](cfg, workdir, results, cpu_notes)
-            except (RuntimeError, OSError, TimeoutError, ConnectionError) as exc:
-                log(f"{name}: FAILED: {exc!r}")
-                failures[name] = repr(exc)
-            log(f"{name}: done in {time.perf_counter() - t:.1f} s")
+        failures = run_scenarios(
+            {"aggregate": scenario_aggregate, "catchup_singles": scenario_catchup,
+             "range_big": scenario_range_big},
+            chosen, cfg, workdir, results, cpu_notes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    client = "one process, one thread, blocking sockets, replies counted not parsed"
+    notes = [
+        "figure = {meilies, redis, ratio = meilies/redis}; median over runs, which "
+        "alternate the server that goes first; both servers with fsync off",
+        "aggregate: one connection, one request at a time, a random stream of 50 "
+        "100-byte events each time; client and server pinned per --pin "
+        f"({cfg.pin}); *_cpu_us_per_request: CPU time per request (lower is better)",
+        "catchup_singles: events published one request each (one record each on "
+        "MeiliES); MB/s counts wire bytes received",
+        "range_big: memory in MB from /proc/<pid>/status; lower is better",
+        "cpu: share of one core used by the client process and the server over the "
+        "measured interval (the run with the median throughput); /proc counts CPU "
+        "in 10 ms ticks, so over intervals under ~0.5 s (catch-ups with --quick) "
+        "these shares are coarse",
+        "client_ceiling: in_process = the captured reply through the same counting "
+        "code, no socket; loopback = the same measured loop against a forked "
+        "stand-in server that only sends the captured reply",
+        "runs: every run's value behind each median, in run order",
+    ]
     report = {
-        "meta": {
-            "tool": "tools/bench_reads.py",
-            "argv": sys.argv[1:],
-            "runs": cfg.runs, "quick": cfg.quick,
-            "seconds": round(time.perf_counter() - started, 1),
-            "cpus": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "redis": _redis_version(),
-            "client": "one process, one thread, blocking sockets, replies counted not parsed",
-            "notes": [
-                "figure = {meilies, redis, ratio = meilies/redis}; median over runs, which "
-                "alternate the server that goes first; both servers with fsync off",
-                "aggregate: one connection, one request at a time, a random stream of 50 "
-                "100-byte events each time; client and server pinned per --pin "
-                f"({cfg.pin}); *_cpu_us_per_request: CPU time per request (lower is better)",
-                "catchup_singles: events published one request each (one record each on "
-                "MeiliES); MB/s counts wire bytes received",
-                "range_big: memory in MB from /proc/<pid>/status; lower is better",
-                "cpu: share of one core used by the client process and the server over the "
-                "measured interval (the run with the median throughput); /proc counts CPU "
-                "in 10 ms ticks, so over intervals under ~0.5 s (catch-ups with --quick) "
-                "these shares are coarse",
-                "client_ceiling: in_process = the captured reply through the same counting "
-                "code, no socket; loopback = the same measured loop against a forked "
-                "stand-in server that only sends the captured reply",
-                "runs: every run's value behind each median, in run order",
-            ],
-        },
+        "meta": report_meta("tools/bench_reads.py", cfg, started, load_before, client, notes),
         **results,
         "targets": targets(results),
         "cpu": cpu_notes,

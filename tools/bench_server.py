@@ -47,13 +47,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import select
 import selectors
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -61,9 +59,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import (Client, close_all, command, connect, figure, log, median,  # noqa: E402
-                          meilies_frames_total, percentile, redis_available, start_meilies,
-                          start_redis)
+from bench_common import (RAW, Client, close_all, command, connect, figure,  # noqa: E402
+                          log, median_run, meilies_frames_total, percentile, redis_available,
+                          report_meta, run_scenarios, start_meilies, start_redis,
+                          stop_on_sigterm, summarize)
 
 SCENARIOS = ("publish", "replay", "fanout", "idle")
 FSYNC_POLICIES = ("always", "everysec", "no")
@@ -78,23 +77,6 @@ TS_PAD = b"y" * (DATA_LEN - 20)
 
 
 #: Every run's value behind each figure, for the "runs" section of the report.
-RAW: dict[str, dict[str, list]] = {}
-
-
-def summarize(name: str, m_runs: list[dict], r_runs: list[dict], key: str,
-              digits: int = 3) -> dict:
-    """The figure for ``key`` (median over runs); every run's value goes to ``RAW``."""
-    m = [r[key] for r in m_runs]
-    rd = [r[key] for r in r_runs]
-    RAW[name] = {"meilies": [None if v is None else round(v, digits) for v in m],
-                 "redis": [None if v is None else round(v, digits) for v in rd]}
-    return figure(median(m), median(rd), digits)
-
-
-def median_run(runs: list[dict], key: str) -> dict:
-    """The run whose ``key`` is the median (the lower middle one for an even count)."""
-    ordered = sorted(runs, key=lambda r: r[key])
-    return ordered[(len(ordered) - 1) // 2]
 
 
 class Settings:
@@ -851,10 +833,6 @@ def targets(results: dict) -> dict:
     return out
 
 
-def _on_signal(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts (smoke run)")
@@ -872,7 +850,7 @@ def main() -> int:
               "Redis, so there is nothing to compare against (apt-get install redis-server)",
               file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_signal)
+    stop_on_sigterm()
     cfg = Settings(args.quick, args.runs)
     chosen = args.only or list(SCENARIOS)
     results: dict = {}
@@ -880,51 +858,32 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meilies-bench-"))
     started = time.perf_counter()
     load_before = os.getloadavg()
-    failures = {}
     try:
-        for name in SCENARIOS:
-            if name not in chosen:
-                continue
-            t = time.perf_counter()
-            try:
-                {"publish": scenario_publish, "replay": scenario_replay,
-                 "fanout": scenario_fanout, "idle": scenario_idle}[name](
-                    cfg, workdir, results, cpu_notes)
-            except (RuntimeError, OSError, TimeoutError, ConnectionError) as exc:
-                log(f"{name}: FAILED: {exc!r}")
-                failures[name] = repr(exc)
-            log(f"{name}: done in {time.perf_counter() - t:.1f} s")
+        failures = run_scenarios(
+            {"publish": scenario_publish, "replay": scenario_replay,
+             "fanout": scenario_fanout, "idle": scenario_idle},
+            chosen, cfg, workdir, results, cpu_notes)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    client = ("one process, one thread, epoll over all sockets (2 cores: one for the "
+              "server, one for the client)")
+    notes = [
+        "figure = {meilies, redis, ratio = meilies/redis}; median over runs",
+        "latency and memory: lower is better (ratio < 1 is a MeiliES win)",
+        f"publish: {cfg.publish_conns} connections, 100-byte events, each connection "
+        f"sends depth requests then waits for all replies; {cfg.publish_seconds}s "
+        f"measured after {cfg.publish_warmup}s warm-up; latency per request at depth 1",
+        "replay: MB/s counts wire bytes received (RESP framing included)",
+        f"fanout: {cfg.fanout_subscribers} subscribers, fsync everysec, publisher depth "
+        f"{cfg.fanout_depth}; latency from {cfg.fanout_probes} probe subscribers, every "
+        f"event; paced: {cfg.fanout_paced_rate} events/s at depth 1; "
+        "publisher_events_per_s: events / time until the last publish was acked",
+        "cpu: share of one core used by the client process and the server over the "
+        "measured interval (the run with the median throughput)",
+        "runs: every run's value behind each median, in run order",
+    ]
     report = {
-        "meta": {
-            "tool": "tools/bench_server.py",
-            "argv": sys.argv[1:],
-            "runs": cfg.runs, "quick": cfg.quick,
-            "seconds": round(time.perf_counter() - started, 1),
-            "cpus": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "redis": _redis_version(),
-            "client": "one process, one thread, epoll over all sockets (2 cores: one for the "
-                      "server, one for the client)",
-            "notes": [
-                "figure = {meilies, redis, ratio = meilies/redis}; median over runs",
-                "latency and memory: lower is better (ratio < 1 is a MeiliES win)",
-                f"publish: {cfg.publish_conns} connections, 100-byte events, each connection "
-                f"sends depth requests then waits for all replies; {cfg.publish_seconds}s "
-                f"measured after {cfg.publish_warmup}s warm-up; latency per request at depth 1",
-                "replay: MB/s counts wire bytes received (RESP framing included)",
-                f"fanout: {cfg.fanout_subscribers} subscribers, fsync everysec, publisher depth "
-                f"{cfg.fanout_depth}; latency from {cfg.fanout_probes} probe subscribers, every "
-                f"event; paced: {cfg.fanout_paced_rate} events/s at depth 1; "
-                "publisher_events_per_s: events / time until the last publish was acked",
-                "cpu: share of one core used by the client process and the server over the "
-                "measured interval (the run with the median throughput)",
-                "runs: every run's value behind each median, in run order",
-            ],
-        },
+        "meta": report_meta("tools/bench_server.py", cfg, started, load_before, client, notes),
         **results,
         "targets": targets(results),
         "cpu": cpu_notes,
@@ -934,17 +893,6 @@ def main() -> int:
         report["failures"] = failures
     print(json.dumps(report, indent=2))
     return 1 if failures else 0
-
-
-def _redis_version() -> str | None:
-    try:
-        import subprocess
-        out = subprocess.run(["/usr/bin/redis-server", "--version"], capture_output=True,
-                             text=True, timeout=10).stdout
-        m = re.search(r"v=(\S+)", out)
-        return m.group(1) if m else out.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 if __name__ == "__main__":
