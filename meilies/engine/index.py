@@ -192,29 +192,10 @@ class ActiveIndex:
     def frames(self, first: int, stop: int) -> tuple[list[int], list[int]]:
         return frame_lists(self.entries, first, stop)
 
-    def stream_frames(self, stream_id: int, start: int, stop: int
-                      ) -> tuple[int, list[int], list[int]]:
-        """Frames of numbers [start, stop) of a stream, clipped to this segment.
-
-        Returns (first number returned, offsets, lengths).
-        """
-        run = self.streams.get(stream_id)
-        if run is None:
-            return start, [], []
-        first = run[0]
-        have = (len(run) - 1) // RUN_STRIDE
-        lo = max(start, first) - first
-        hi = min(stop, first + have) - first
-        if hi <= lo:
-            return start, [], []
-        at, to = 1 + RUN_STRIDE * lo, 1 + RUN_STRIDE * hi
-        return (first + lo, run[at:to:RUN_STRIDE].tolist(),
-                run[at + 1:to + 1:RUN_STRIDE].tolist())
-
     def stream_columns(self, stream_id: int, start: int, stop: int
                        ) -> tuple[int, list[int], list[int], list[int]]:
-        """As :meth:`stream_frames`, with each event's position delta:
-        (first number returned, offsets, lengths, deltas)."""
+        """Where events numbered [start, stop) of a stream are, clipped to this
+        segment: (first number returned, frame offsets, frame lengths, position deltas)."""
         run = self.streams.get(stream_id)
         if run is None:
             return start, [], [], []

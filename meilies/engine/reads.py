@@ -134,7 +134,7 @@ def _stream_locations(engine: Engine, stream: bytes | int, start: int, stop: int
     while k < len(segments) and number < end:
         segment = segments[k]
         k += 1
-        first, offsets, lengths = _segment_stream_frames(segment, sid, number, end)
+        first, offsets, lengths, _deltas = _segment_stream_columns(segment, sid, number, end)
         if not offsets:
             continue
         total = sum(lengths)
@@ -185,22 +185,24 @@ def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
                                         hi - lo, budget, at_least_one)
     return lo, hi - lo, taken, starts, ends
 
-def _segment_stream_frames(segment: Segment, sid: int, start: int, end: int
-                           ) -> tuple[int, list[int], list[int]]:
+def _segment_stream_columns(segment: Segment, sid: int, start: int, end: int
+                            ) -> tuple[int, list[int], list[int], list[int]]:
+    """Where events [start, end) of stream ``sid`` are in one segment: (first number
+    there, frame offsets, frame lengths, position deltas)."""
     index = segment.index
     if isinstance(index, ActiveIndex):
-        return index.stream_frames(sid, start, end)
-    i, j = segment.stream_index.stream_run(sid)
+        return index.stream_columns(sid, start, end)
+    stream_index = segment.stream_index
+    i, j = stream_index.stream_run(sid)
     if i == j:
-        return start, [], []
-    first_number = segment.stream_index.entry(i)[4]
+        return start, [], [], []
+    first_number = stream_index.entry(i)[4]
     lo = max(start, first_number)
     hi = min(end, first_number + (j - i))
     if hi <= lo:
-        return start, [], []
-    offsets, lengths = segment.stream_index.frames(i + lo - first_number,
-                                                   i + hi - first_number)
-    return lo, offsets, lengths
+        return start, [], [], []
+    return (lo, *entry_columns(stream_index.buffer, i + lo - first_number,
+                               i + hi - first_number))
 
 def all_frames(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EVENTS,
                min_number: int = 0, max_number: int | None = None,
@@ -404,21 +406,7 @@ def _stream_columns(engine: Engine, sid: int, lo: int, hi: int) -> list[Columns]
     while k < len(segments) and number < hi:
         segment = segments[k]
         k += 1
-        index = segment.index
-        if isinstance(index, ActiveIndex):
-            first, offsets, lengths, deltas = index.stream_columns(sid, number, hi)
-        else:
-            stream_index = segment.stream_index
-            i, j = stream_index.stream_run(sid)
-            if i == j:
-                continue
-            first = stream_index.entry(i)[4]
-            a, b = max(number, first), min(hi, first + (j - i))
-            if b <= a:
-                continue
-            offsets, lengths, deltas = entry_columns(stream_index.buffer, i + a - first,
-                                                     i + b - first)
-            first = a
+        first, offsets, lengths, deltas = _segment_stream_columns(segment, sid, number, hi)
         if offsets:
             groups.append((segment, offsets, lengths, deltas))
             number = first + len(offsets)

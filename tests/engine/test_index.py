@@ -82,8 +82,8 @@ def test_active_stream_frames_match_a_list_model(tmp_path, streams, seed, querie
     reloaded.load(bytes(index.entries))
     assert reloaded.count == index.count == len(entries)
     per_stream = {}
-    for offset, length, sid, _delta, number in entries:
-        per_stream.setdefault(sid, []).append((number, offset, length))
+    for offset, length, sid, delta, number in entries:
+        per_stream.setdefault(sid, []).append((number, offset, length, delta))
     sids = sorted(per_stream) or [0]
     for which, start_at, span in queries:
         sid = sids[which % len(sids)]
@@ -93,13 +93,14 @@ def test_active_stream_frames_match_a_list_model(tmp_path, streams, seed, querie
         stop = start + span
         want = [e for e in run if start <= e[0] < stop]
         for candidate in (index, reloaded):
-            first, offsets, lengths = candidate.stream_frames(sid, start, stop)
+            first, offsets, lengths, deltas = candidate.stream_columns(sid, start, stop)
             assert offsets == [e[1] for e in want]
             assert lengths == [e[2] for e in want]
+            assert deltas == [e[3] for e in want]
             if want:
                 assert first == want[0][0]
     # An absent stream has no frames.
-    assert index.stream_frames(max(sids) + 1, 0, 10) == (0, [], [])
+    assert index.stream_columns(max(sids) + 1, 0, 10) == (0, [], [], [])
 
 
 @INDEX_SETTINGS
