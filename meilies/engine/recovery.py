@@ -86,7 +86,8 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False,
         return BadRecord(offset, "the frame lengths run past the record")
     if fmt.record_checksum(buf, offset, checked_end) != header.checksum:
         return BadRecord(offset, "checksum mismatch")
-    if header.version not in FORMAT_HISTORY or header.flags != 0:
+    if header.version not in FORMAT_HISTORY or header.flags & ~fmt.KNOWN_FLAGS[header.version] \
+            or (header.extras_length and header.version < 4):
         return BadRecord(offset, f"unknown record version {header.version} / flags {header.flags}")
     if version is not None and header.version != version:
         return BadRecord(offset, f"a version {header.version} record in a version {version}"
@@ -101,6 +102,10 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False,
     if isinstance(framing, str):
         return BadRecord(offset, framing)
     record.frames, data_lengths, checks = framing
+    if header.extras_length:
+        problem = _extras_problem(buf, offset, header)
+        if problem is not None:
+            return BadRecord(offset, problem)
     if checks is not None:
         # One C-level sweep: slices of the segment through the per-frame hash.
         found = list(map(fmt.frame_check, map(buf.__getitem__, _slices(record.frames))))
@@ -114,6 +119,25 @@ def check_record(buf, offset: int, end: int, *, deep: bool = False,
                                   header.first_number + i):
                 return _bad_event(record, i, "its frame does not match its header")
     return record
+
+
+def _extras_problem(buf, offset: int, header: RecordHeader) -> str | None:
+    """Why the extras of a record (version 4) that passed its checksum are malformed,
+    or None: their lengths must add up to the region, and each must spell an id and a
+    metadata. (A writer's bug, not bit rot: the checksum covers them.)"""
+    at = offset + RECORD_HEADER_SIZE + header.stream_name_length + EVENT_ENTRY_SIZE * header.count
+    if header.extras_length < 4 * header.count:
+        return "the extras are shorter than their lengths"
+    lengths = array("I")
+    lengths.frombytes(bytes(buf[at:at + 4 * header.count]))
+    if sum(lengths) + 4 * header.count != header.extras_length:
+        return "the extras' lengths do not add up to the extras"
+    for i, raw in enumerate(fmt.record_extras(buf, offset, header)):
+        try:
+            fmt.decode_extras(raw)
+        except ValueError as exc:
+            return f"event {i} of the record: malformed id and metadata ({exc})"
+    return None
 
 
 def _bad_event(record: ScannedRecord, i: int, what: str) -> BadRecord:
@@ -158,17 +182,18 @@ def _frames_v1(buf, at: int, record_end: int, count: int) -> Framing | str:
     return frames, data_lengths, None
 
 
-def _frames_table(buf, at: int, record_end: int, count: int, words: int) -> Framing | str:
-    """A version 2 or 3 body (every event's lengths entry of ``words`` u32, then the
-    frames back to back); as :func:`_frames_v1`, and in version 3 (3 words: its frame's
-    check too) the checks as the third item."""
+def _frames_table(buf, at: int, record_end: int, count: int, words: int,
+                  extras_length: int = 0) -> Framing | str:
+    """A version 2, 3 or 4 body (every event's lengths entry of ``words`` u32, the
+    extras in version 4, then the frames back to back); as :func:`_frames_v1`, and from
+    version 3 on (3 words: its frame's check too) the checks as the third item."""
     table_end = at + 4 * words * count
-    if table_end > record_end:
+    if table_end + extras_length > record_end:
         return "the frame lengths run past the record"
     table = array("I")
     table.frombytes(buf[at:table_end])
     frame_lengths, data_lengths = table[0::words].tolist(), table[1::words].tolist()
-    offsets = list(accumulate(frame_lengths, initial=table_end))
+    offsets = list(accumulate(frame_lengths, initial=table_end + extras_length))
     if offsets[-1] != record_end:
         return "record length does not match its events"
     for i, (frame_len, data_len) in enumerate(zip(frame_lengths, data_lengths)):
@@ -187,7 +212,7 @@ def record_framing(buf, offset: int, header: RecordHeader) -> Framing | str:
     if header.version == 1:
         return _frames_v1(buf, at, record_end, header.count)
     words = EVENT_ENTRY_SIZE // 4 if header.version >= 3 else EVENT_HEADER_SIZE // 4
-    return _frames_table(buf, at, record_end, header.count, words)
+    return _frames_table(buf, at, record_end, header.count, words, header.extras_length)
 
 
 def _frame_matches(buf, at: int, length: int, data_len: int, prefix: bytes, number: int) -> bool:

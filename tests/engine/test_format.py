@@ -67,7 +67,7 @@ def test_record_holds_each_event_as_its_resp_frame(version):
     assert record.data[65:] == expected_body
     # The checksum covers the header after itself, the name and the lengths; in versions
     # 1 and 2 the frames too.
-    covered_end = 65 + 12 * 2 if version == 3 else len(record.data)
+    covered_end = 65 + 12 * 2 if version >= 3 else len(record.data)
     assert header.checksum == xxhash.xxh3_64_intdigest(record.data[12:covered_end])
     scanned = check_record(record.data, 0, len(record.data), deep=True)
     assert isinstance(scanned, ScannedRecord) and scanned.frames == record.frames
@@ -135,3 +135,54 @@ def test_a_record_shortened_to_its_whole_events_is_a_valid_record_of_them(keep):
                                  version=3)
     assert short == expected.data
     assert isinstance(check_record(short, 0, len(short), deep=True), ScannedRecord)
+
+
+# -- format 4: ids, metadata and the transaction flag -----------------------------------------
+
+
+def test_ids_and_metadata_sit_between_the_lengths_and_the_frames():
+    events = [(b"created", b"{}"), (b"paid", b"x" * 10), (b"shipped", b"")]
+    extras = [fmt.encode_extras(b"id-1", b'{"user":"ann"}'), fmt.NO_EXTRAS,
+              fmt.encode_extras(None, b"")]
+    record = fmt.encode_record(b"orders-3", 1, 50, 7, events, timestamp_ms=99, version=4,
+                               extras=extras, flags=fmt.FLAG_CONTINUED)
+    header = fmt.decode_record_header(record.data, 0)
+    region = struct.pack("<3I", *map(len, extras)) + b"".join(extras)
+    assert header.extras_length == len(region) and header.flags == fmt.FLAG_CONTINUED
+    table_end = 56 + len(b"orders-3") + 12 * 3
+    assert record.data[table_end:table_end + len(region)] == region
+    # The frames stay back to back, right after the extras, and end the record.
+    assert record.offsets[0] == table_end + len(region)
+    assert record.offsets[-1] + record.lengths[-1] == len(record.data)
+    # The checksum covers everything before the frames, the extras included.
+    assert header.checksum == xxhash.xxh3_64_intdigest(record.data[12:record.offsets[0]])
+    scanned = check_record(record.data, 0, len(record.data), deep=True)
+    assert isinstance(scanned, ScannedRecord) and scanned.frames == record.frames
+    assert fmt.record_extras(record.data, 0, header) == extras
+    assert [fmt.decode_extras(raw) for raw in extras] == [
+        (b"id-1", b'{"user":"ann"}'), (None, None), (None, b"")]
+
+
+def test_a_flipped_byte_in_the_extras_fails_the_record_checksum():
+    events = [(b"e", b"1"), (b"e", b"2")]
+    record = fmt.encode_record(b"s", 0, 0, 0, events, version=4,
+                               extras=[fmt.encode_extras(b"a", None), fmt.encode_extras(b"b", None)])
+    raw = bytearray(record.data)
+    raw[record.offsets[0] - 3] ^= 0x01  # inside the last event's id
+    bad = check_record(raw, 0, len(raw))
+    assert isinstance(bad, BadRecord) and bad.reason == "checksum mismatch"
+
+
+def test_malformed_extras_under_a_good_checksum_are_refused():
+    record = fmt.encode_record(b"s", 0, 0, 0, [(b"e", b"1")], version=4,
+                               extras=[b"$5\r\nab\r\n$-1\r\n"])
+    bad = check_record(record.data, 0, len(record.data))
+    assert isinstance(bad, BadRecord) and "malformed id and metadata" in bad.reason
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_older_versions_carry_neither_extras_nor_flags(version):
+    with pytest.raises(ValueError):
+        fmt.encode_record(b"s", 0, 0, 0, [(b"e", b"")], version=version, extras=[fmt.NO_EXTRAS])
+    with pytest.raises(ValueError):
+        fmt.encode_record(b"s", 0, 0, 0, [(b"e", b"")], version=version, flags=fmt.FLAG_CONTINUED)
