@@ -51,7 +51,9 @@ class AppendPath:
     """Appending batches (the engine's writing half; see the module docstring)."""
 
     def append(self, stream: bytes, events: list[tuple[bytes, bytes]],
-               expected: str | int = ANY, *, flush: bool = True) -> AppendResult:
+               expected: str | int = ANY, *, flush: bool = True,
+               ids: list[bytes | None] | None = None,
+               metadata: list[bytes | None] | None = None) -> AppendResult:
         """Append a batch of ``(event_name, data)`` to ``stream``, atomically.
 
         ``expected`` is :data:`ANY`, :data:`NO_STREAM` or the stream's current last
@@ -63,9 +65,16 @@ class AppendPath:
         ``sync``), so that a caller appending many batches in a row writes them with one
         system call. Until then it is neither visible nor safe from a process crash:
         such a caller must flush before it acknowledges anything.
+
+        With ``ids`` or ``metadata`` (one per event, None for none) it is a write of
+        writes.py: ids are checked for reuse first, and an exact retry of a stored
+        append returns its first numbers and stores nothing.
         """
         if self._closed:
             raise EngineClosed("engine is closed")
+        if ids is not None or metadata is not None:
+            from .writes import Write
+            return self.write([Write(stream, events, expected, ids, metadata)], flush=flush)[0]
         if len(events) == 1:
             return self._append_one(stream, events[0], expected, flush)
         if not events:

@@ -149,6 +149,8 @@ class Durability:
             streams.drop_newest(newest)
             newest -= 1
         self._next_position = taken[0][4]
+        if self._unpublished_order:
+            self._forget_ids_from(self._next_position)
 
     @property
     def loss_mark(self) -> int:
@@ -194,6 +196,8 @@ class Durability:
             changed.add(sid)
         _segment, offsets, _lengths, _sid, position, _number = pending[count - 1]
         self._visible_position = position + len(offsets)
+        if self._unpublished_order:
+            self._index_visible_ids()
         del pending[:count]
         self._written_pending = max(0, self._written_pending - count)
         for listener in self._listeners:

@@ -9,8 +9,9 @@ log keeps only the original frames (format.py): what the original protocol's
 subscribers are sent, as slices of the log, a stored batch in one. The suffix's
 parts are known without storing them per event: the position from the index entry
 (segment base + position delta), the timestamp from the header of the event's record,
-``id`` and ``metadata`` from the record once the write side stores them (until then
-nil: :func:`suffix` takes them already, so they slot in). Why not store full frames:
+``id`` and ``metadata`` from the record's extras (format 4: stored as the wire's two
+bulk strings, copied as they are; nil for a record without extras). Why not store full
+frames:
 they would cost every stored event ~40 more bytes on disk, an original subscriber
 (the default, and every client of the original MeiliES) could no longer be sent a
 batch as one slice, and a position written into a frame could not be rewound by a
@@ -43,8 +44,10 @@ NIL = b"$-1\r\n"
 _NO_ID_NOR_METADATA = NIL + NIL
 #: Where the timestamp sits in a record header (its last field, u64).
 TIMESTAMP_OFFSET = fmt.RECORD_HEADER_SIZE - 8
-#: A record header's magic and timestamp, read in one call.
-_MAGIC_AND_TIMESTAMP = struct.Struct("<4s%dxQ" % (TIMESTAMP_OFFSET - 4))
+#: Where a record header's extras_length is (u32, format 4).
+EXTRAS_LENGTH_OFFSET = TIMESTAMP_OFFSET - 4
+#: A record header's magic, extras length and timestamp, read in one call.
+_MAGIC_AND_TIMESTAMP = struct.Struct("<4s%dxIQ" % (EXTRAS_LENGTH_OFFSET - 4))
 #: An index entry's frame offset and length.
 _OFFSET_LENGTH = struct.Struct("<II")
 _ONLY_MAGIC = {fmt.RECORD_MAGIC}
@@ -53,6 +56,8 @@ _MISPLACED_HEADER = ("the index points at a frame whose record header is not whe
 #: A full frame of an event without id and metadata: the stored frame after its
 #: ``*5\r\n``, then position and timestamp.
 _FULL_FRAME = FULL_HEAD + b"%b:%d\r\n:%d\r\n$-1\r\n$-1\r\n"
+#: The same with the event's stored extras (its id and metadata) last.
+_FULL_FRAME_WITH_EXTRAS = FULL_HEAD + b"%b:%d\r\n:%d\r\n%b"
 
 
 def suffix(position: int, timestamp_ms: int, event_id: bytes | None = None,
@@ -73,12 +78,27 @@ def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[i
     and position deltas in ascending position order (not necessarily consecutive: a
     stream's events). One header read per record the read touches, in C-level passes
     (single publishes make a record per event)."""
+    return record_details(segment, buf, offsets, lengths, deltas)[0]
+
+
+def record_details(segment: Segment, buf, offsets: list[int], lengths: list[int],
+                   deltas: list[int]) -> tuple[list[int], list[bytes] | None]:
+    """:func:`record_timestamps`, and each event's stored extras (its id and metadata
+    as the wire has them), or None when no record of the read has any (the usual
+    case, with nothing more to read)."""
     count = len(offsets)
     ends = list(map(add, offsets, lengths))
     if deltas[-1] - deltas[0] == count - 1 and offsets[1:] == ends[:-1]:
-        # Consecutive positions, frames back to back: one record (formats 2 and 3),
+        # Consecutive positions, frames back to back: one record (formats 2 to 4),
         # one header to read (a batch: an aggregate appended at once).
-        return [_one_timestamp(segment, buf, deltas[0], offsets[0])] * count
+        at = _record_starts(segment, deltas[:1], offsets[:1])[0]
+        magic, extras_length, stamp = _MAGIC_AND_TIMESTAMP.unpack_from(buf, at)
+        if magic != fmt.RECORD_MAGIC:
+            raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
+        extras = None
+        if extras_length:
+            extras = _extras_of(segment, buf, [at], [0], deltas, count)
+        return [stamp] * count, extras
     steps = list(map(sub, deltas[1:], deltas[:-1]))
     gaps = list(map(sub, offsets[1:], ends[:-1]))
     # Events that start a record, after the first: a record header lies between them
@@ -97,22 +117,35 @@ def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[i
     headers.insert(0, _record_starts(segment, deltas[:1], offsets[:1])[0])
     magics_and_stamps = list(map(_MAGIC_AND_TIMESTAMP.unpack_from, repeat(buf), headers))
     if set(map(itemgetter(0), magics_and_stamps)) != _ONLY_MAGIC:
-        at = next(h for h, (magic, _ts) in zip(headers, magics_and_stamps)
+        at = next(h for h, (magic, _x, _ts) in zip(headers, magics_and_stamps)
                   if magic != fmt.RECORD_MAGIC)
         raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
-    stamps = list(map(itemgetter(1), magics_and_stamps))
+    stamps = list(map(itemgetter(2), magics_and_stamps))
+    extras = None
+    if any(map(itemgetter(1), magics_and_stamps)):
+        extras = _extras_of(segment, buf, headers, [0] + firsts, deltas, count)
     if len(stamps) == count:  # a record per event
-        return stamps
+        return stamps, extras
     sizes = list(map(sub, firsts + [count], [0] + firsts))
-    return list(chain.from_iterable(map(repeat, stamps, sizes)))
+    return list(chain.from_iterable(map(repeat, stamps, sizes))), extras
 
 
-def _one_timestamp(segment: Segment, buf, delta: int, offset: int) -> int:
-    at = _record_starts(segment, [delta], [offset])[0]
-    magic, stamp = _MAGIC_AND_TIMESTAMP.unpack_from(buf, at)
-    if magic != fmt.RECORD_MAGIC:
-        raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
-    return stamp
+def _extras_of(segment: Segment, buf, headers: list[int], firsts: list[int],
+               deltas: list[int], count: int) -> list[bytes]:
+    """Each event's stored extras, for a read whose events ``firsts[k]`` on (up to the
+    next first) belong to the record at ``headers[k]``."""
+    out: list[bytes] = []
+    base = segment.base_position
+    for k, at in enumerate(headers):
+        stop = firsts[k + 1] if k + 1 < len(firsts) else count
+        header = fmt.decode_record_header(buf, at)
+        if not header.extras_length:
+            out += [fmt.NO_EXTRAS] * (stop - firsts[k])
+            continue
+        stored = fmt.record_extras(buf, at, header)
+        first = header.base_position - base
+        out += [stored[deltas[i] - first] for i in range(firsts[k], stop)]
+    return out
 
 
 def _record_starts(segment: Segment, deltas: list[int], offsets: list[int]) -> list[int]:
@@ -154,12 +187,11 @@ def _walk_back(index, delta: int, offset: int) -> int:
 def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
                 deltas: list[int], *, descending: bool = False) -> list[bytes | memoryview]:
     """The full frames of events of ``segment`` (ascending position order given; sent
-    ascending or descending), as pieces to join (one, today: every frame formatted in
-    one call; ids and metadata will add pieces of their own)."""
+    ascending or descending), as pieces to join (one: every frame formatted in one call)."""
     if not offsets:
         return []
     buf = segment.buffer(offsets[-1] + lengths[-1])
-    stamps = record_timestamps(segment, buf, offsets, lengths, deltas)
+    stamps, extras = record_details(segment, buf, offsets, lengths, deltas)
     base = segment.base_position
     cut = ORIGINAL_HEAD_LENGTH
     # Copies, not views: a memoryview per event is an object the collector tracks.
@@ -169,6 +201,11 @@ def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
         bodies.reverse()
         positions.reverse()
         stamps.reverse()
+        if extras is not None:
+            extras.reverse()
     # One formatting call for every frame of the read (no object per suffix).
-    return [_FULL_FRAME * len(bodies) % tuple(chain.from_iterable(zip(bodies, positions,
-                                                                       stamps)))]
+    if extras is None:
+        return [_FULL_FRAME * len(bodies) % tuple(chain.from_iterable(zip(bodies, positions,
+                                                                           stamps)))]
+    return [_FULL_FRAME_WITH_EXTRAS * len(bodies) % tuple(chain.from_iterable(
+        zip(bodies, positions, stamps, extras)))]

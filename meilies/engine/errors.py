@@ -43,6 +43,31 @@ class WrongExpectedVersion(EngineError):
         self.expected = expected
 
 
+class DuplicateEventId(EngineError):
+    """A write reuses an event id that is already stored (and is not an exact retry of
+    the write that stored it); nothing of the write, or of its transaction, was stored.
+
+    ``stream`` and ``number`` say where the id is stored."""
+
+    def __init__(self, event_id: bytes, stream: bytes, number: int) -> None:
+        super().__init__(f"event id {event_id.decode('utf-8', 'replace')} is already stored"
+                         f" as {stream.decode('utf-8', 'replace')}:{number}")
+        self.event_id = event_id
+        self.stream = stream
+        self.number = number
+
+
+class DuplicateIdInRequest(InvalidArgument):
+    """One event id given twice in one request or one transaction."""
+
+    def __init__(self, event_id: bytes) -> None:
+        EngineError.__init__(self, f"duplicate event id {event_id.decode('utf-8', 'replace')}"
+                             " in request")
+        self.argument = "id"
+        self.reason = "given twice"
+        self.event_id = event_id
+
+
 # -- the data directory ----------------------------------------------------------------
 
 

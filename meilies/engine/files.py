@@ -8,6 +8,8 @@ Layout of a data directory::
     00000000000000000000.pidx     its position index (index.py)
     00000000000000000000.sidx     its stream index, written when the segment is sealed
     00000000000001048576.seg      the next segment, first position 1048576, ...
+    ids-00.table, ids-01.table... the id index's tables (ids.py); derived, rebuilt if bad
+    ids.state                     how far the id tables are complete (ids.py)
 
 Positions are zero-padded to 20 digits so that ``ls`` sorts segments in log order.
 ``segment_path`` and friends are the only way to build these names.
@@ -31,11 +33,14 @@ CHECKPOINT_NAME = "checkpoint"
 #: Suffix of files being written before an atomic rename; removed on open.
 TEMP_SUFFIX = ".tmp"
 
+ID_STATE_NAME = "ids.state"
 _SEGMENT_FILE = re.compile(r"^(\d{20})\.(seg|pidx|sidx)$")
+#: The id index's files (ids.py).
+ID_FILE = re.compile(r"^(ids-\d{2}\.table|ids\.state)$")
 #: The temporary files the engine writes (index.write_file, checkpoint.write) and
 #: ``meilies-fsck --repair --salvage`` writes (a segment's new bytes before the rename):
 #: only these are removed on open; any other name ending in .tmp is someone else's file.
-_TEMP_FILE = re.compile(r"^(checkpoint|\d{20}\.(pidx|sidx|seg))\.tmp$")
+_TEMP_FILE = re.compile(r"^(checkpoint|ids\.state|\d{20}\.(pidx|sidx|seg))\.tmp$")
 
 
 def _stem(base_position: int) -> str:
@@ -59,6 +64,15 @@ def checkpoint_path(directory: Path) -> Path:
     return directory / CHECKPOINT_NAME
 
 
+def id_table_path(directory: Path, level: int) -> Path:
+    """Path of the id index's table of ``level`` (ids.py)."""
+    return directory / f"ids-{level:02d}.table"
+
+
+def id_state_path(directory: Path) -> Path:
+    return directory / ID_STATE_NAME
+
+
 def list_segments(directory: Path, *, remove_temp: bool = False) -> list[int]:
     """Base positions of the segments in ``directory``, in log order.
 
@@ -69,7 +83,7 @@ def list_segments(directory: Path, *, remove_temp: bool = False) -> list[int]:
     bases = []
     for entry in sorted(os.scandir(directory), key=lambda e: e.name):
         name = entry.name
-        if name in (LOCK_NAME, CHECKPOINT_NAME):
+        if name in (LOCK_NAME, CHECKPOINT_NAME) or ID_FILE.match(name):
             continue
         if _TEMP_FILE.match(name) and entry.is_file():
             if remove_temp:

@@ -43,16 +43,18 @@ from .errors import EngineClosed, StorageError
 from .files import DirectoryLock, checkpoint_path, position_index_path
 from .index import ENTRY_SIZE, ActiveIndex
 from .names import DEFAULT_MAX_EVENT_SIZE
+from .ids import FIRST_BITS, IdIndex
 from .opening import OpenReport, Opening
 from .reads import DEFAULT_MAX_BYTES, DEFAULT_MAX_EVENTS, Event
 from .segment import Segment
 from .streams import StreamTable
+from .writes import StoredEvent, Write, WritePath
 
 log = logging.getLogger("meilies.engine")
 
 __all__ = ["ANY", "NO_STREAM", "FSYNC_POLICIES", "DEFAULT_SEGMENT_SIZE", "MAX_BATCH_BYTES",
            "LOSSES_KEPT", "AppendResult", "Engine", "Event", "Listener", "OpenReport",
-           "SyncTicket"]
+           "StoredEvent", "SyncTicket", "Write"]
 
 FSYNC_POLICIES = ("always", "everysec", "no")
 #: Segments roll at this size (64 MiB): large enough that a stream read crosses few
@@ -60,11 +62,11 @@ FSYNC_POLICIES = ("always", "everysec", "no")
 DEFAULT_SEGMENT_SIZE = 64 * 1024 * 1024
 
 
-class Engine(AppendPath, Durability, Opening):
+class Engine(AppendPath, WritePath, Durability, Opening):
     """An open data directory. Use :meth:`open`; call :meth:`close` when done."""
 
     def __init__(self, directory: Path, fsync: str, segment_size: int, max_event_size: int,
-                 verify_on_open: bool) -> None:
+                 verify_on_open: bool, id_index_bits: int = FIRST_BITS) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         self.directory = directory
@@ -90,6 +92,12 @@ class Engine(AppendPath, Durability, Opening):
         #: How many of ``_pending`` are written to the kernel (the rest wait in memory).
         self._written_pending = 0
         self._listeners: list[Listener] = []
+        #: The id index (ids.py), opened with the log; and the ids of events appended
+        #: but not yet visible, with their events (writes.py), in position order too.
+        self.id_index_bits = id_index_bits
+        self.ids = IdIndex(directory, id_index_bits)
+        self._unpublished_ids: dict[bytes, StoredEvent] = {}
+        self._unpublished_order: list[tuple[int, bytes]] = []
         self._lock = DirectoryLock(directory)
         self._closed = False
         self.open_report = OpenReport()
@@ -100,18 +108,19 @@ class Engine(AppendPath, Durability, Opening):
     def open(cls, directory: str | os.PathLike, *, fsync: str = "always",
              segment_size: int = DEFAULT_SEGMENT_SIZE,
              max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
-             verify_on_open: bool = True) -> Engine:
+             verify_on_open: bool = True, id_index_bits: int = FIRST_BITS) -> Engine:
         """Open (creating if missing) a data directory and recover its state.
 
         Takes the directory's exclusive lock (:class:`DirectoryLocked` if held).
         Truncates a torn record at the tail of the newest segment (reported in
         ``open_report.recovered``); raises :class:`CorruptRecord` or
-        :class:`CorruptSegment` for damage anywhere else. With ``verify_on_open``,
+        :class:`CorruptSegment` for damage anywhere else. ``id_index_bits`` sizes the
+        id index's first table (ids.py; tests make it small). With ``verify_on_open``,
         every byte the checkpoint covers is checked against its xxhash.
         """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        engine = cls(path, fsync, segment_size, max_event_size, verify_on_open)
+        engine = cls(path, fsync, segment_size, max_event_size, verify_on_open, id_index_bits)
         engine._lock.acquire()
         try:
             engine._recover()
@@ -135,6 +144,7 @@ class Engine(AppendPath, Durability, Opening):
     def _close_files(self) -> None:
         for segment in self.segments:
             segment.close()
+        self.ids.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -157,6 +167,8 @@ class Engine(AppendPath, Durability, Opening):
             active.index.flush_to(pidx)
         except OSError as exc:
             raise StorageError(pidx, "write", exc) from exc
+        # Everything is visible after the sync: the id index holds every id before it.
+        self.ids.checkpoint(self._visible_position)
         states = [s.state for s in self.segments[:-1]]
         states.append(ckpt.SegmentState(active.base_position, active.size, active.index.count,
                                         active.hasher.intdigest(),

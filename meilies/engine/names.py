@@ -89,3 +89,10 @@ def check_data(value: bytes, max_event_size: int) -> None:
     """Raise :class:`InvalidArgument` if ``value`` is larger than ``max_event_size``."""
     if len(value) > max_event_size:
         raise InvalidArgument("data", f"is {len(value)} bytes, at most {max_event_size} allowed")
+
+
+def check_event_id(value: bytes) -> None:
+    """Raise :class:`InvalidArgument` unless ``value`` may be an event id: 1..255 bytes
+    of UTF-8 without control characters (PROTOCOL.md, version 2; a UUID is typical)."""
+    if plain_event_name(value) is None:
+        _check_name(value, "id", _ASCII_BAD_EVENT, whitespace=False)

@@ -20,7 +20,9 @@ from . import checkpoint as ckpt
 from . import format as fmt
 from .errors import CorruptIndex, CorruptRecord, CorruptSegment, StorageError
 from .files import list_segments, position_index_path, segment_path, stream_index_path
+from .ids import IdIndex
 from .index import ENTRY_SIZE, ActiveIndex, sorted_stream_index, write_file
+from .reads import stored_ids
 from .names import quoted
 from .recovery import BadRecord, RecoveryReport, ScannedRecord, iter_records, valid_record_after
 from .segment import Segment
@@ -84,19 +86,58 @@ class Opening:
         active = self.segments[-1]
         if not active.is_active:
             active.activate()
+        active = self._renew_empty_older_segment(active)
         self._next_position = self._visible_position = self._durable_position = position
         self._durable_size = active.size
         self.streams.all_visible()
+        added_ids = self._open_ids(position)
         report.segments = len(self.segments)
         report.streams = len(self.streams)
         report.events = position
         if (report.scanned_bytes or report.rebuilt_indexes or report.recovered or sealed_here
-                or not report.used_checkpoint):
+                or not report.used_checkpoint or added_ids):
             try:
                 self.checkpoint()
             except StorageError as exc:  # derived data: the next open scans again
                 log.warning("could not write a checkpoint after opening: %s", exc)
         report.seconds = time.monotonic() - started
+
+    def _renew_empty_older_segment(self, active: Segment) -> Segment:
+        """An active segment of an older format version that holds no record is made
+        anew in the newest version: writes with ids or transactions need it, and a
+        roll cannot replace an empty segment (the next one would have its base)."""
+        if active.version == fmt.FORMAT_VERSION or active.size > fmt.SEGMENT_HEADER_SIZE:
+            return active
+        base = active.base_position
+        active.close()
+        active.path.unlink()
+        position_index_path(self.directory, base).unlink(missing_ok=True)
+        renewed = Segment.create(self.directory, base)
+        self.segments[-1] = renewed
+        return renewed
+
+    def _open_ids(self, end: int) -> int:
+        """Open the id index and add the ids of the log after what it covers (all of
+        them if it had to be rebuilt); return how many were added."""
+        started = time.monotonic()
+        self.ids = IdIndex.open(self.directory, self.id_index_bits)
+        if self.ids.covered > end:  # the log was cut back (fsck --repair): start over
+            log.warning("the id index covers position %d, past the log's end %d; rebuilding"
+                        " it from the log", self.ids.covered, end)
+            self.ids.close()
+            self.ids.covered = 0
+            self.ids._remove_tables()
+        start = self.ids.covered
+        if start == 0 and end > 0:
+            log.info("building the id index from the log (%d events)", end)
+        added = 0
+        for event_id, position in stored_ids(self, start):
+            if position not in self.ids.candidates(event_id):
+                self.ids.add(event_id, position)
+                added += 1
+        if start == 0 and end > 0:
+            log.info("id index built: %d ids in %.1f s", added, time.monotonic() - started)
+        return added
 
     def _recreate_torn_segment(self, base: int, position: int) -> bool:
         """Recreate the newest segment if a crash cut it short while it was being created.
@@ -231,17 +272,33 @@ class Opening:
             start = fmt.SEGMENT_HEADER_SIZE
         self.open_report.scanned_bytes += file_size - start
         offset = start
+        # The records of a transaction whose last record is not read yet (format 4:
+        # every one but the last is flagged CONTINUED): applied once it is.
+        unfinished: list[ScannedRecord] = []
         for record in iter_records(buf, start, file_size, version=segment.version):
             if isinstance(record, BadRecord):
                 offset = record.offset
+                after = position + sum(r.header.count for r in unfinished) + 1
                 if last and offset >= covered and \
-                        valid_record_after(buf, offset, file_size, min_position=position + 1,
+                        valid_record_after(buf, offset, file_size, min_position=after,
                                            version=segment.version) is None:
                     break
                 raise CorruptRecord(segment.path, offset, record.reason)
-            self._apply_record(segment, record, position, apply=record.offset >= covered)
-            position += record.header.count
             offset = record.end
+            if record.header.flags & fmt.FLAG_CONTINUED:
+                unfinished.append(record)
+                continue
+            for done in unfinished + [record]:
+                self._apply_record(segment, done, position, apply=done.offset >= covered)
+                position += done.header.count
+            unfinished = []
+        torn_transaction = bool(unfinished)
+        if unfinished:
+            if not last:
+                raise CorruptRecord(segment.path, unfinished[0].offset,
+                                    "a transaction runs to the end of a sealed segment")
+            # A crash cut the transaction short: none of it stays (all or none).
+            offset = unfinished[0].offset
         del buf
         # Opened for writing: to truncate a torn tail, and to fdatasync what was scanned.
         # The bytes written since the last checkpoint may exist only in the page cache
@@ -251,11 +308,13 @@ class Opening:
         segment.activate()
         if offset < file_size:
             dropped = file_size - offset
-            log.warning("%s: truncating a torn record at the tail: %d bytes at offset %d"
-                        " dropped", segment.path.name, dropped, offset)
+            what = ("a transaction cut short at the tail" if torn_transaction
+                    else "torn record at the tail")
+            log.warning("%s: truncating %s: %d bytes at offset %d dropped",
+                        segment.path.name, what, dropped, offset)
             segment.truncate_to(offset)
             self.open_report.recovered.append(RecoveryReport(segment.path, offset, dropped,
-                                                             "torn record at the tail"))
+                                                             what))
         else:
             segment.size = segment.written = file_size
             with memoryview(segment.buffer(file_size)) as view:

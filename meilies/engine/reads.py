@@ -22,9 +22,10 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import format as fmt
+from .errors import CorruptRecord
 from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, RUN_STRIDE,
                     WORDS_PER_ENTRY, ActiveIndex, SealedIndex, entry_columns)
-from .envelope import full_frames
+from .envelope import _record_starts, full_frames
 from .segment import Segment
 from .spans import plan_spans, runs
 
@@ -534,3 +535,70 @@ def event_at(buf, view: memoryview, stream: bytes, number: int, offset: int, len
         digits -= 1
     return Event(stream, number, bytes(view[name_start:name_end]),
                  view[name_end + 5 + digits:data_end], position)
+
+
+class StoredEvent(NamedTuple):
+    """An event as the log holds it, with its id and metadata: what an idempotent
+    retry is compared with (writes.py)."""
+
+    stream: bytes
+    number: int
+    position: int
+    name: bytes
+    data: bytes
+    id: bytes | None
+    metadata: bytes | None
+
+
+def stored_event(engine: Engine, position: int) -> StoredEvent:
+    """The visible event at global ``position`` (the caller checks it is visible)."""
+    k = bisect.bisect_right(engine._bases, position) - 1
+    segment = engine.segments[k]
+    delta = position - segment.base_position
+    offset, length, sid, _delta, number = segment.index.entry(delta)
+    buf = segment.buffer(offset + length)
+    at = _record_starts(segment, [delta], [offset])[0]
+    header = fmt.decode_record_header(buf, at)
+    if header.magic != fmt.RECORD_MAGIC:
+        raise CorruptRecord(segment.path, at, "the index points at a frame whose record"
+                            " header is not where the records before it end")
+    event_id = metadata = None
+    if header.extras_length:
+        raw = fmt.record_extras(buf, at, header)[position - header.base_position]
+        event_id, metadata = fmt.decode_extras(raw)
+    view = memoryview(buf)
+    event = event_at(buf, view, engine.streams.names[sid], number, offset, length, position)
+    data = bytes(event.data)
+    view.release()
+    return StoredEvent(event.stream, number, position, event.name, data, event_id, metadata)
+
+
+def stored_ids(engine: Engine, start: int) -> Iterator[tuple[bytes, int]]:
+    """(id, position) of every event with an id from global position ``start`` to the
+    end of the log, read from the records' extras: how the id index catches up on
+    open (ids.py)."""
+    end = engine.written_position
+    if start >= end:
+        return
+    k = bisect.bisect_right(engine._bases, start) - 1
+    for segment in engine.segments[k:]:
+        size = segment.size
+        if segment.index.count == 0:
+            continue
+        buf = segment.buffer(size)
+        if start > segment.base_position:
+            delta = start - segment.base_position
+            offset = segment.index.entry(delta)[0]
+            at = _record_starts(segment, [delta], [offset])[0]
+        else:
+            at = fmt.SEGMENT_HEADER_SIZE
+        while at < size:
+            header = fmt.decode_record_header(buf, at)
+            if header.extras_length:
+                for i, raw in enumerate(fmt.record_extras(buf, at, header)):
+                    position = header.base_position + i
+                    if position >= start:
+                        event_id = fmt.decode_extras(raw)[0]
+                        if event_id is not None:
+                            yield event_id, position
+            at += header.size

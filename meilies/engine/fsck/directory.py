@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import DirectoryLocked, UnreadableDirectory
 from ..files import (
     CHECKPOINT_NAME,
+    ID_FILE,
     LOCK_NAME,
     POSITION_INDEX_SUFFIX,
     SEGMENT_SUFFIX,
@@ -28,7 +29,7 @@ _INDEX_FILE = re.compile(r"^(\d{20})(" + re.escape(SEGMENT_SUFFIX) + "|"
 
 #: The engine's own leftovers of an atomic write (files.py removes these on open; any
 #: other name ending in .tmp is someone else's file).
-_TEMP_FILE = re.compile(r"^(" + re.escape(CHECKPOINT_NAME) + r"|\d{20}("
+_TEMP_FILE = re.compile(r"^(" + re.escape(CHECKPOINT_NAME) + r"|ids\.state|\d{20}("
                         + re.escape(POSITION_INDEX_SUFFIX) + "|"
                         + re.escape(STREAM_INDEX_SUFFIX) + "|"
                         + re.escape(SEGMENT_SUFFIX) + "))" + re.escape(TEMP_SUFFIX) + "$")
@@ -57,8 +58,8 @@ def _list_directory(directory: Path) -> _Listing:
     for entry in entries:
         name = entry.name
         match = _INDEX_FILE.match(name)
-        if name == LOCK_NAME:
-            continue
+        if name == LOCK_NAME or ID_FILE.match(name):
+            continue  # the id index is derived data; verify.py checks it against the log
         if name == CHECKPOINT_NAME:
             listing.has_checkpoint = True
         elif _TEMP_FILE.match(name) and entry.is_file(follow_symlinks=False):

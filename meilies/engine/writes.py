@@ -1,0 +1,290 @@
+"""Writes with event ids and metadata, idempotent retries, and transactions.
+
+One method, :meth:`WritePath.write`, stores a list of writes (each an ``append`` of
+one stream, with optional ids and metadata) all or none: an ``append-full`` is a list
+of one, a ``MULTI``/``EXEC`` transaction a list of its queued writes. It runs in two
+phases, so that nothing is stored unless everything passes:
+
+1. *Check*, in order, each write as if the ones before it were applied: names, sizes
+   and ids; then idempotency (before the expected version, PROTOCOL.md): a write
+   whose events are all stored already, consecutively in its stream with the same
+   ids, names, metadata and data, is a retry and gets its first reply back, storing
+   nothing; any other reuse of a stored id is :class:`DuplicateEventId`; then the
+   expected version, against the stream's number after the writes before it.
+2. *Store*: one record per write (format.py), positions contiguous in order, every
+   record but the last flagged CONTINUED, all handed to the active segment together
+   (rolling first if they would not fit: a transaction never spans segments), so that
+   one write system call and one fdatasync cover them, readers see them at once
+   (durability.py publishes whole syncs), and opening drops a transaction whose last
+   record is missing (opening.py).
+
+Ids are looked up in two places: ids appended but not yet visible (this module keeps
+them in memory with their events, until durability.py publishes them), and the id
+index on disk (ids.py) for the rest, whose every hit is checked against the event the
+log holds at that position.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+from . import format as fmt
+from . import reads
+from .appends import ANY, MAX_BATCH_BYTES, AppendResult
+from .errors import DuplicateEventId, DuplicateIdInRequest, InvalidArgument
+from .names import check_event_id, check_event_name, check_new_stream_name
+from .reads import StoredEvent
+
+#: A transaction holds at most this many events, and this many bytes of data and
+#: metadata in all (PROTOCOL.md).
+MAX_TRANSACTION_EVENTS = 100_000
+MAX_TRANSACTION_BYTES = 128 * 1024 * 1024
+
+
+class Write(NamedTuple):
+    """One write of a list given to :meth:`WritePath.write`: events of one stream."""
+
+    stream: bytes
+    events: list[tuple[bytes, bytes]]
+    expected: str | int = ANY
+    #: One id per event (None: no id), or None for none at all.
+    ids: list[bytes | None] | None = None
+    #: One metadata per event (None: none), or None for none at all.
+    metadata: list[bytes | None] | None = None
+
+
+class _Planned(NamedTuple):
+    write: Write
+    #: The first reply of a write that is a retry (nothing to store), else None.
+    replay: AppendResult | None
+    first_number: int
+    extras: list[bytes] | None
+
+
+def check_write(write: Write, max_event_size: int) -> None:
+    """Raise :class:`InvalidArgument` for what is wrong with one write by itself
+    (names, sizes, ids; not the stream's state): what a server checks when it queues a
+    write in a transaction."""
+    count = len(write.events)
+    if not count:
+        raise InvalidArgument("events", "an append needs at least one event")
+    for given in (write.ids, write.metadata):
+        if given is not None and len(given) != count:
+            raise InvalidArgument("events", "one id and one metadata per event")
+    metadata = write.metadata or [None] * count
+    total = 0
+    for (name, data), meta in zip(write.events, metadata):
+        check_event_name(name)
+        size = len(data) + (len(meta) if meta is not None else 0)
+        if size > max_event_size:
+            what = "data plus metadata" if meta else "data"
+            raise InvalidArgument("data", f"{what} is {size} bytes, at most {max_event_size}"
+                                  " allowed")
+        total += size + len(name)
+    if total > MAX_BATCH_BYTES:
+        raise InvalidArgument("data", f"batch of {total} bytes is over {MAX_BATCH_BYTES}")
+    seen: set[bytes] = set()
+    for event_id in write.ids or ():
+        if event_id is None:
+            continue
+        check_event_id(event_id)
+        if event_id in seen:
+            raise DuplicateIdInRequest(event_id)
+        seen.add(event_id)
+
+
+class WritePath:
+    """Writes with ids, metadata and transactions (see the module docstring); a mixin of
+    the engine, over its stream table, segments and id index."""
+
+    def write(self, writes: list[Write], *, flush: bool = True) -> list[AppendResult]:
+        """Store ``writes`` all or none; return each one's numbers and end position (a
+        retry's are those it first had). Raises :class:`WrongExpectedVersion`,
+        :class:`DuplicateEventId`, :class:`InvalidArgument` (nothing stored then) or
+        :class:`StorageError` (a roll failed). Durable after the next sync, as
+        :meth:`append`; ``flush=False`` as there."""
+        self._check_open()
+        if not writes:
+            return []
+        plans = self._plan(writes)
+        results = self._store(plans)
+        if flush:
+            self.flush()
+        return results
+
+    # -- checking -----------------------------------------------------------------------
+
+    def _plan(self, writes: list[Write]) -> list[_Planned]:
+        events = sum(len(w.events) for w in writes)
+        if len(writes) > 1 and events > MAX_TRANSACTION_EVENTS:
+            raise InvalidArgument("transaction", f"{events} events, at most"
+                                  f" {MAX_TRANSACTION_EVENTS} allowed")
+        size = sum(len(d) + len(m or b"") for w in writes for (_n, d), m in
+                   zip(w.events, w.metadata or [None] * len(w.events)))
+        if len(writes) > 1 and size > MAX_TRANSACTION_BYTES:
+            raise InvalidArgument("transaction", f"{size} bytes of data and metadata, at most"
+                                  f" {MAX_TRANSACTION_BYTES} allowed")
+        seen: set[bytes] = set()
+        numbers: dict[bytes, int] = {}
+        plans = []
+        for write in writes:
+            check_write(write, self.max_event_size)
+            stream = write.stream
+            sid = self.streams.ids.get(stream)
+            if sid is None:
+                check_new_stream_name(stream)
+            count = len(write.events)
+            ids = write.ids or [None] * count
+            for event_id in ids:
+                if event_id is not None:
+                    if event_id in seen:
+                        raise DuplicateIdInRequest(event_id)
+                    seen.add(event_id)
+            found = [None if i is None else self.find_event_id(i) for i in ids]
+            if any(found):
+                plans.append(_Planned(write, _replay(write, found), -1, None))
+                continue
+            if stream in numbers:
+                current = numbers[stream]
+            else:
+                current = 0 if sid is None else self.streams.next_number[sid]
+            if write.expected != ANY:
+                self._check_expected(stream, current, write.expected)
+            numbers[stream] = current + count
+            metadata = write.metadata or [None] * count
+            extras = None
+            if any(i is not None for i in ids) or any(m is not None for m in metadata):
+                extras = list(map(fmt.encode_extras, ids, metadata))
+            plans.append(_Planned(write, None, current, extras))
+        return plans
+
+    def find_event_id(self, event_id: bytes) -> StoredEvent | None:
+        """The stored event carrying ``event_id`` (appended, visible or not), or None."""
+        pending = self._unpublished_ids.get(event_id)
+        if pending is not None:
+            return pending
+        visible = self._visible_position
+        for position in self.ids.candidates(event_id):
+            if position < visible:
+                event = reads.stored_event(self, position)
+                if event.id == event_id:
+                    return event
+        return None
+
+    # -- storing ------------------------------------------------------------------------
+
+    def _store(self, plans: list[_Planned]) -> list[AppendResult]:
+        stored = [p for p in plans if p.replay is None]
+        if not stored:
+            return [p.replay for p in plans]
+        segment = self.segments[-1]
+        # Ids, metadata and the CONTINUED flag need format 4: an older segment that was
+        # active when the directory was opened rolls first (it never mixes versions).
+        needs_v4 = len(stored) > 1 or any(p.extras is not None for p in stored)
+        records = self._encode_plans(stored, fmt.FORMAT_VERSION)
+        size = sum(len(enc.data) for _p, _sid, _pos, enc in records)
+        if (needs_v4 and segment.version < 4) or \
+                (segment.size > fmt.SEGMENT_HEADER_SIZE
+                 and segment.size + size > self.segment_size):
+            self._roll()
+            segment = self.segments[-1]
+        if segment.version != fmt.FORMAT_VERSION:
+            records = self._encode_plans(stored, segment.version)
+        streams = self.streams
+        for plan, sid, position, enc in records:
+            write = plan.write
+            if write.stream not in streams.ids:
+                created = streams.create(write.stream, position)
+                assert created == sid, "stream ids are handed out in record order"
+            offset = segment.append(enc.data)
+            self._pending.append((segment, [offset + at for at in enc.offsets], enc.lengths,
+                                  sid, position, plan.first_number))
+            count = len(write.events)
+            streams.next_number[sid] = plan.first_number + count
+            if write.ids:
+                self._remember_ids(write, plan.first_number, position)
+        _p, _sid, position, enc = records[-1]
+        self._next_position = position + len(enc.lengths)
+        results = []
+        ends = {id(plan): pos + len(plan.write.events) for plan, _sid, pos, _enc in records}
+        for plan in plans:
+            if plan.replay is not None:
+                results.append(plan.replay)
+            else:
+                count = len(plan.write.events)
+                results.append(AppendResult(plan.first_number, plan.first_number + count - 1,
+                                            ends[id(plan)]))
+        return results
+
+    def _encode_plans(self, stored: list[_Planned], version: int
+                      ) -> list[tuple[_Planned, int, int, fmt.EncodedRecord]]:
+        """(plan, stream id, first position, record) per write to store, in order."""
+        new_ids: dict[bytes, int] = {}
+        position = self._next_position
+        timestamp_ms = time.time_ns() // 1_000_000
+        out = []
+        last = len(stored) - 1
+        for k, plan in enumerate(stored):
+            stream = plan.write.stream
+            sid = self.streams.ids.get(stream)
+            if sid is None:
+                sid = new_ids.setdefault(stream, len(self.streams) + len(new_ids))
+            flags = fmt.FLAG_CONTINUED if k < last else 0
+            enc = fmt.encode_record(stream, sid, position, plan.first_number, plan.write.events,
+                                    timestamp_ms, version=version, extras=plan.extras,
+                                    flags=flags)
+            out.append((plan, sid, position, enc))
+            position += len(plan.write.events)
+        return out
+
+    def _remember_ids(self, write: Write, first_number: int, position: int) -> None:
+        """Keep a write's ids with their events until they are visible (then the id
+        index has them: :meth:`_index_visible_ids`)."""
+        metadata = write.metadata or [None] * len(write.events)
+        for i, (event_id, (name, data), meta) in enumerate(zip(write.ids, write.events,
+                                                               metadata)):
+            if event_id is not None:
+                self._unpublished_ids[event_id] = StoredEvent(
+                    write.stream, first_number + i, position + i, name, data, event_id, meta)
+                self._unpublished_order.append((position + i, event_id))
+
+    def _index_visible_ids(self) -> None:
+        """Move the ids of events that became visible into the id index."""
+        order = self._unpublished_order
+        visible = self._visible_position
+        k = 0
+        while k < len(order) and order[k][0] < visible:
+            k += 1
+        add = self.ids.add
+        pending = self._unpublished_ids
+        for position, event_id in order[:k]:
+            add(event_id, position)
+            del pending[event_id]
+        del order[:k]
+
+    def _forget_ids_from(self, position: int) -> None:
+        """Forget the remembered ids of events from ``position`` on (taken back)."""
+        order = self._unpublished_order
+        while order and order[-1][0] >= position:
+            _position, event_id = order.pop()
+            del self._unpublished_ids[event_id]
+
+
+def _replay(write: Write, found: list[StoredEvent | None]) -> AppendResult:
+    """The first reply of a write whose ids are stored, if it is an exact retry of the
+    write that stored them; else :class:`DuplicateEventId` for its first stored id."""
+    count = len(write.events)
+    metadata = write.metadata or [None] * count
+    first = found[0]
+    exact = first is not None and all(
+        event is not None and event.stream == write.stream
+        and event.number == first.number + i and event.name == name and event.data == data
+        and event.metadata == meta
+        for i, (event, (name, data), meta) in enumerate(zip(found, write.events, metadata)))
+    if exact:
+        last = found[-1]
+        return AppendResult(first.number, last.number, last.position + 1)
+    k = next(i for i, event in enumerate(found) if event is not None)
+    stored = found[k]
+    raise DuplicateEventId(write.ids[k], stored.stream, stored.number)
