@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import __version__
-from ..engine import ANY, NO_STREAM
+from ..engine import ANY
 from ..engine.errors import InvalidArgument
 from ..engine.names import check_stream_name
-from . import ranges, resp
+from . import ranges, resp, transaction
 from .errors import NOAUTH, WRONGPASS, CommandError
 from .subscription import parse_spec
 
@@ -52,22 +52,33 @@ def publish(conn: Connection, args: list[bytes]) -> bytes:
 def append(conn: Connection, args: list[bytes]) -> bytes:
     if len(args) % 2 == 0:
         raise CommandError("ERR wrong number of arguments for 'append'")
-    expected = _parse_expected(args[2])
+    expected = transaction.parse_expected(args[2])
     events = [(args[i], args[i + 1]) for i in range(3, len(args), 2)]
     result = conn.engine.append(args[1], events, expected, flush=False)
     conn.wrote(result.end_position)
     return resp.integer(result.last_number)
 
 
-def _parse_expected(raw: bytes) -> str | int:
-    lowered = raw.lower()
-    if lowered == b"any":
-        return ANY
-    if lowered == b"none":
-        return NO_STREAM
-    if raw.isdigit() and raw.isascii() and len(raw) <= 20:
-        return int(raw)
-    raise CommandError("ERR invalid expected: must be 'any', 'none' or an event number")
+def append_full(conn: Connection, args: list[bytes]) -> bytes:
+    """``append-full <stream> <expected> (<id> <name> <metadata> <data>)+``:
+    ``*2 :<last number> :<last position>`` (an exact retry gets its first reply)."""
+    write = transaction.append_full_write(args)
+    result = conn.engine.write([write], flush=False)[0]
+    conn.wrote(result.end_position)
+    return transaction.reply_of(b"append-full", result)
+
+
+def multi(conn: Connection, args: list[bytes]) -> bytes:
+    conn.begin_transaction()
+    return resp.OK
+
+
+def exec_(conn: Connection, args: list[bytes]) -> bytes:
+    raise transaction.EXEC_WITHOUT_MULTI  # inside MULTI the connection runs it
+
+
+def discard(conn: Connection, args: list[bytes]) -> bytes:
+    raise transaction.DISCARD_WITHOUT_MULTI  # inside MULTI the connection runs it
 
 
 def last_event_number(conn: Connection, args: list[bytes]) -> bytes:
@@ -304,6 +315,10 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
 _TABLE = [
     Command("publish", publish, 4, 4),
     Command("append", append, 5, None),
+    Command("append-full", append_full, 7, None),
+    Command("multi", multi, 1, 1),
+    Command("exec", exec_, 1, 1),
+    Command("discard", discard, 1, 1),
     Command("subscribe", subscribe, 2, None, reads=True),
     Command("last-event-number", last_event_number, 2, 2, reads=True),
     Command("stream-names", stream_names, 1, 1, reads=True),

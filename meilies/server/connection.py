@@ -24,8 +24,9 @@ from gevent.hub import get_hub
 
 from ..engine import ANY
 from ..engine.errors import EngineError, InvalidArgument, StorageError
-from . import commands, ranges, resp, subscription
+from . import commands, ranges, resp, subscription, transaction
 from .errors import NOAUTH, CommandError, engine_error_reply, unknown_command, wrong_arity
+from .transaction import Transaction
 
 if TYPE_CHECKING:
     from .app import Server
@@ -62,6 +63,8 @@ class Connection:
         self._streamed = False
         #: Subscriptions made from now on send full frames (``envelope full``).
         self.full_envelope = False
+        #: The queue between MULTI and EXEC/DISCARD (transaction.py), or None.
+        self.transaction: Transaction | None = None
         #: Replies to appends not yet settled, one entry per append: (index of its
         #: first reply in ``_out``, how many replies, the global position the append
         #: ends at, ``engine.loss_mark`` before it). Each is judged on its own: a
@@ -123,13 +126,15 @@ class Connection:
         if count == 1:
             self._execute(requests[0])
             return
-        if self.authenticated and _publishes_to_one_stream(requests):
+        if self.authenticated and self.transaction is None and \
+                _publishes_to_one_stream(requests):
             self._publish_run(requests[0][1], requests)  # a producer's batch, whole
             return
         i = 0
         while i < count and not self.closing:
             request = requests[i]
-            if len(request) == 4 and self.authenticated and _is_publish(request[0]):
+            if len(request) == 4 and self.authenticated and self.transaction is None and \
+                    _is_publish(request[0]):
                 stream = request[1]
                 j = i + 1
                 while (j < count and len(requests[j]) == 4 and requests[j][1] == stream
@@ -185,6 +190,9 @@ class Connection:
         out.extend([resp.OK] * len(requests))
 
     def _execute(self, request: list[bytes]) -> None:
+        if self.transaction is not None:
+            self._out.append(self._in_transaction(request))
+            return
         command = commands.lookup(request[0])
         out = self._out
         if command is None:
@@ -221,6 +229,45 @@ class Connection:
         except Exception:
             log.exception("internal error running %r", request[0][:64])
             out.append(INTERNAL_ERROR)
+
+    # -- transactions (transaction.py) -------------------------------------------------------
+
+    def begin_transaction(self) -> None:
+        """``MULTI``: queue writes from now on (``-ERR`` if already queueing)."""
+        if self.transaction is not None:
+            raise transaction.NESTED
+        self.transaction = Transaction()
+
+    def _in_transaction(self, request: list[bytes]) -> bytes:
+        """The reply to a request made between MULTI and EXEC/DISCARD."""
+        txn = self.transaction
+        name = request[0].lower()
+        if name == b"exec" or name == b"discard":
+            if len(request) != 1:
+                return txn.refuse(wrong_arity(name.decode()).reply)
+            self.transaction = None
+            if name == b"discard":
+                return resp.OK
+            try:
+                return txn.execute(self)
+            except EngineError as exc:
+                reply = engine_error_reply(exc)
+                if reply is None:
+                    log.exception("internal error running EXEC")
+                    reply = INTERNAL_ERROR
+                return reply
+            except Exception:  # a bug: answer as _execute does, and keep serving
+                log.exception("internal error running EXEC")
+                return INTERNAL_ERROR
+        if name == b"multi":
+            return transaction.NESTED.reply
+        if name in transaction.WRITES:
+            return txn.queue(self, name, request)
+        if commands.lookup(name) is None:
+            return txn.refuse(unknown_command(request[0]).reply)
+        shown = name[:64].decode("utf-8", "replace")
+        return txn.refuse(resp.error(f"ERR '{shown}' is not allowed in a transaction: only"
+                                     " publish, append and append-full are"))
 
     # -- durability of writes ---------------------------------------------------------------
 

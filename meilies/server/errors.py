@@ -33,6 +33,8 @@ def engine_error_reply(exc: engine_errors.EngineError) -> bytes | None:
     """
     if isinstance(exc, engine_errors.WrongExpectedVersion):
         return resp.error(f"WRONGEXPECTED {exc}")
+    if isinstance(exc, engine_errors.DuplicateEventId):
+        return resp.error(f"DUPLICATEID {exc}")
     if isinstance(exc, engine_errors.InvalidArgument):
         return resp.error(f"ERR {exc}")
     if isinstance(exc, engine_errors.StorageError):
