@@ -100,10 +100,12 @@ class _Level:
         return cls(path, bits, 0, handle, mapping)
 
     @classmethod
-    def open(cls, path: Path, bits: int, count: int) -> _Level | None:
-        """The table at ``path`` if it is whole and has ``bits``; None otherwise."""
+    def open(cls, path: Path, bits: int | None, count: int, readonly: bool = False
+             ) -> _Level | None:
+        """The table at ``path`` if it is whole (and has ``bits``, if given); None
+        otherwise."""
         try:
-            handle = open(path, "r+b")
+            handle = open(path, "rb" if readonly else "r+b")
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -111,16 +113,20 @@ class _Level:
         try:
             size = os.fstat(handle.fileno()).st_size
             header = handle.read(HEADER_SIZE)
-            if size != HEADER_SIZE + SLOT_SIZE * (1 << bits) or len(header) < 24:
+            if len(header) < 24:
                 handle.close()
                 return None
             magic, version, found_bits = _HEADER.unpack_from(header)
             (digest,) = _CHECKSUM.unpack_from(header, _HEADER.size)
-            if (magic, version, found_bits) != (TABLE_MAGIC, VERSION, bits) or \
-                    digest != xxhash.xxh3_64_intdigest(header[:_HEADER.size]):
+            if (magic, version) != (TABLE_MAGIC, VERSION) or found_bits > 40 or \
+                    (bits is not None and found_bits != bits) or \
+                    digest != xxhash.xxh3_64_intdigest(header[:_HEADER.size]) or \
+                    size != HEADER_SIZE + SLOT_SIZE * (1 << found_bits):
                 handle.close()
                 return None
-            mapping = mmap.mmap(handle.fileno(), 0)
+            bits = found_bits
+            mapping = mmap.mmap(handle.fileno(), 0,
+                                access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
         except OSError as exc:
             handle.close()
             raise StorageError(path, "open", exc) from exc
@@ -169,16 +175,22 @@ class IdIndex:
         self.covered = 0
 
     @classmethod
-    def open(cls, directory: Path, first_bits: int = FIRST_BITS) -> IdIndex:
+    def open(cls, directory: Path, first_bits: int = FIRST_BITS,
+             readonly: bool = False) -> IdIndex:
         """The tables as the last checkpoint left them (``covered`` says how far they
         go), or empty ones (``covered`` 0) if the state or a table is missing or
-        damaged: the caller adds the ids after ``covered`` from the log."""
+        damaged: the caller adds the ids after ``covered`` from the log. Tables that
+        exist keep the first size they were made with. ``readonly`` (fsck) changes
+        nothing on disk."""
         index = cls(directory, first_bits)
         state = index._read_state()
         if state is not None:
             covered, counts = state
             for level, count in enumerate(counts):
-                table = _Level.open(table_path(directory, level), first_bits + level, count)
+                bits = None if level == 0 else index.first_bits + level
+                table = _Level.open(table_path(directory, level), bits, count, readonly)
+                if table is not None and level == 0:
+                    index.first_bits = table.bits
                 if table is None:
                     log.warning("id table %s is missing or damaged; rebuilding the id index"
                                 " from the log", table_path(directory, level).name)
@@ -192,7 +204,9 @@ class IdIndex:
         elif any(directory.glob("ids-*.table")):
             log.warning("%s is missing or damaged; rebuilding the id index from the log",
                         STATE_NAME)
-        index._remove_tables()
+        index.first_bits = first_bits
+        if not readonly:
+            index._remove_tables()
         return index
 
     def _read_state(self) -> tuple[int, list[int]] | None:

@@ -63,6 +63,8 @@ from .report import (
     EventRange,
     ForeignFileProblem,
     FsckReport,
+    DuplicateId,
+    IdIndexProblem,
     IndexProblem,
     LogDamage,
     Problem,
@@ -75,7 +77,7 @@ from .verifier import _Verifier
 
 __all__ = [
     "verify", "FsckReport", "Problem", "LogDamage", "DamagedRecord", "TornTail", "BadSegment",
-    "IndexProblem", "CheckpointProblem", "ForeignFileProblem", "EventRange", "Removal",
+    "IndexProblem", "IdIndexProblem", "DuplicateId", "CheckpointProblem", "ForeignFileProblem", "EventRange", "Removal",
     "RepairResult", "Progress", "UnreadableDirectory",
 ]
 

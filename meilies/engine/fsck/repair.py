@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from ..errors import DirectoryLocked, EngineError
-from ..files import CHECKPOINT_NAME, POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX, fsync_directory
+from ..files import (CHECKPOINT_NAME, ID_FILE, ID_STATE_NAME, POSITION_INDEX_SUFFIX,
+                     STREAM_INDEX_SUFFIX, fsync_directory)
 from . import salvage
 from .directory import _INDEX_FILE
 from .report import FsckReport, RepairResult
@@ -67,15 +68,15 @@ def _salvage(directory: Path, report: FsckReport, bases: list[int]) -> None:
 
 
 def _delete_derived(directory: Path, repair: RepairResult) -> None:
-    """Delete the checkpoint, then every index file.
+    """Delete the checkpoint and the id index's state, then every index file.
 
-    The checkpoint goes first, so that an interrupted repair never leaves one that
-    claims log which is gone; the engine rebuilds whatever is missing.
+    The checkpoint and the state go first, so that an interrupted repair never leaves
+    one that claims log which is gone; the engine rebuilds whatever is missing.
     """
-    for name in [CHECKPOINT_NAME] + sorted(
+    for name in [CHECKPOINT_NAME, ID_STATE_NAME] + sorted(
             name for name in os.listdir(directory)
-            if name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX))
-            and _INDEX_FILE.match(name)):
+            if (name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX))
+                and _INDEX_FILE.match(name)) or (ID_FILE.match(name) and name != ID_STATE_NAME)):
         try:
             os.unlink(directory / name)
         except FileNotFoundError:

@@ -104,6 +104,26 @@ class IndexProblem(Problem):
 
 
 @dataclass(frozen=True)
+class IdIndexProblem(Problem):
+    """The id index (ids-*.table, ids.state) lacks an id the log holds below the
+    position it says it covers: derived data, deleted and rebuilt on repair."""
+
+    kind: ClassVar[str] = "id-index"
+    noun: ClassVar[str] = "id index"
+
+
+@dataclass(frozen=True)
+class DuplicateId(Problem):
+    """One event id stored at two positions: what idempotent appends exist to prevent.
+    Not a torn write nor bit rot (each record checks), so repair does not pick which
+    event to drop: it reports it again, for an operator to decide."""
+
+    kind: ClassVar[str] = "duplicate-id"
+    severity: ClassVar[str] = "log"
+    noun: ClassVar[str] = "segment"
+
+
+@dataclass(frozen=True)
 class CheckpointProblem(Problem):
     """A checkpoint that fails its checksum or says something false about the log."""
 

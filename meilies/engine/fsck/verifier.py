@@ -17,7 +17,9 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from .. import format as fmt
 from ..errors import CorruptIndex
-from ..files import checkpoint_path, position_index_path, segment_path, stream_index_path
+from ..files import (checkpoint_path, id_state_path, position_index_path, segment_path,
+                     stream_index_path)
+from ..ids import IdIndex, tag_of
 from ..index import ENTRY_SIZE, close_map
 from ..names import quoted
 from ..recovery import BadRecord, check_record, claimed_header, valid_record_after
@@ -46,6 +48,8 @@ from .report import (
     EventRange,
     ForeignFileProblem,
     FsckReport,
+    DuplicateId,
+    IdIndexProblem,
     IndexProblem,
     Progress,
     Removal,
@@ -132,6 +136,7 @@ class _Verifier:
                                 " next open")
         self._read_checkpoint()
         self._check_log()
+        self._check_ids_and_transactions()
         self._check_orphan_indexes()
         if self.checkpoint is not None:
             self._check_checkpoint_streams()
@@ -296,6 +301,102 @@ class _Verifier:
         self.report.problems.append(damage(segment.path, offset, reason, segment.size))
         if self.checkpoint is not None and segment.k < len(self.checkpoint.segments):
             self._check_checkpoint_segment(segment)
+
+    # -- ids and transactions (format 4) -----------------------------------------------
+
+    def _check_ids_and_transactions(self) -> None:
+        """Every event id once in the log, and in the id index below the position it
+        covers; no transaction cut short (its records flagged CONTINUED to the end of
+        the log: the engine drops them on open, so fsck calls them a torn tail).
+
+        Reads the good part of the log's record headers and extras only. Ids are held
+        as 64-bit hashes (about 100 bytes each in memory: fine to tens of millions);
+        two equal hashes are told apart by a second pass that reads those ids only."""
+        index = IdIndex.open(self.directory, readonly=True)
+        try:
+            hashes: dict[int, int] = {}
+            suspects: list[int] = []
+            missing: list[tuple[bytes, int]] = []
+            unfinished: tuple[_Segment, int] | None = None
+            for segment, at, header, raw in self._walk_records():
+                if header.flags & fmt.FLAG_CONTINUED:
+                    if unfinished is None or unfinished[0] is not segment:
+                        unfinished = (segment, at)
+                else:
+                    unfinished = None
+                for i, extras in enumerate(raw):
+                    event_id = fmt.decode_extras(extras)[0]
+                    if event_id is None:
+                        continue
+                    position = header.base_position + i
+                    tag = tag_of(event_id)
+                    if hashes.setdefault(tag, position) != position:
+                        suspects.append(tag)
+                    if position < index.covered and position not in index.candidates(event_id):
+                        missing.append((event_id, position))
+            if suspects:
+                self._report_duplicates(set(suspects))
+            if missing:
+                event_id, position = missing[0]
+                self.report.problems.append(IdIndexProblem(
+                    id_state_path(self.directory), None,
+                    f"{len(missing)} ids stored below position {index.covered} (which the"
+                    f" index says it covers) are not in it, the first"
+                    f" {quoted(event_id)} at position {position}"))
+            if unfinished is not None:
+                segment, at = unfinished
+                newest = segment.k == len(self.listing.bases) - 1
+                torn = [p for p in self.report.problems if isinstance(p, TornTail)
+                        and p.path == segment.path and p.offset == segment.end]
+                if newest and (self.cut is None or torn):
+                    # Its last record missing or torn: the whole transaction goes.
+                    for problem in torn:
+                        self.report.problems.remove(problem)
+                    self.cut = (segment.k, at)
+                    self.report.problems.append(TornTail(
+                        segment.path, at, "a transaction cut short: its last record is"
+                        " missing or torn (the engine drops all of it on open)",
+                        segment.size))
+                    self._describe_removal()
+                elif self.cut is None:
+                    self.report.problems.append(DamagedRecord(
+                        segment.path, at, "a transaction runs to the end of a sealed"
+                        " segment", segment.size))
+        finally:
+            index.close()
+
+    def _walk_records(self) -> Iterator[tuple[_Segment, int, fmt.RecordHeader, list[bytes]]]:
+        """(segment, offset, header, each event's extras) of every good record in log
+        order (up to the cut, if any)."""
+        for segment in self.segments:
+            if segment.end <= fmt.SEGMENT_HEADER_SIZE:
+                continue
+            with open(segment.path, "rb") as handle:
+                buf = mmap.mmap(handle.fileno(), segment.end, prot=mmap.PROT_READ)
+            try:
+                at = fmt.SEGMENT_HEADER_SIZE
+                while at < segment.end:
+                    header = fmt.decode_record_header(buf, at)
+                    raw = fmt.record_extras(buf, at, header) if header.extras_length else ()
+                    yield segment, at, header, raw
+                    at += header.size
+            finally:
+                close_map(buf)
+
+    def _report_duplicates(self, suspects: set[int]) -> None:
+        """The second pass: ids whose hashes met twice, read for real."""
+        seen: dict[bytes, tuple[_Segment, int]] = {}
+        for segment, _at, header, raw in self._walk_records():
+            for i, extras in enumerate(raw):
+                event_id = fmt.decode_extras(extras)[0]
+                if event_id is None or tag_of(event_id) not in suspects:
+                    continue
+                position = header.base_position + i
+                first = seen.setdefault(event_id, (segment, position))
+                if first[1] != position:
+                    self.report.problems.append(DuplicateId(
+                        segment.path, None, f"event id {quoted(event_id)} is stored at"
+                        f" positions {first[1]} and {position}"))
 
     # -- derived files ----------------------------------------------------------------
 
