@@ -86,7 +86,8 @@ class Opening:
         active = self.segments[-1]
         if not active.is_active:
             active.activate()
-        active = self._renew_empty_older_segment(active)
+        renewed = self._renew_empty_older_segment(active)
+        active = self.segments[-1]
         self._next_position = self._visible_position = self._durable_position = position
         self._durable_size = active.size
         self.streams.all_visible()
@@ -95,26 +96,28 @@ class Opening:
         report.streams = len(self.streams)
         report.events = position
         if (report.scanned_bytes or report.rebuilt_indexes or report.recovered or sealed_here
-                or not report.used_checkpoint or added_ids):
+                or not report.used_checkpoint or added_ids or renewed):
             try:
                 self.checkpoint()
             except StorageError as exc:  # derived data: the next open scans again
                 log.warning("could not write a checkpoint after opening: %s", exc)
         report.seconds = time.monotonic() - started
 
-    def _renew_empty_older_segment(self, active: Segment) -> Segment:
+    def _renew_empty_older_segment(self, active: Segment) -> bool:
         """An active segment of an older format version that holds no record is made
         anew in the newest version: writes with ids or transactions need it, and a
-        roll cannot replace an empty segment (the next one would have its base)."""
+        roll cannot replace an empty segment (the next one would have its base).
+        Returns whether it was (the checkpoint must then describe the new one)."""
         if active.version == fmt.FORMAT_VERSION or active.size > fmt.SEGMENT_HEADER_SIZE:
-            return active
+            return False
         base = active.base_position
         active.close()
         active.path.unlink()
         position_index_path(self.directory, base).unlink(missing_ok=True)
-        renewed = Segment.create(self.directory, base)
-        self.segments[-1] = renewed
-        return renewed
+        log.info("%s: the active segment is empty and of format version %d; made anew in"
+                 " version %d", active.path.name, active.version, fmt.FORMAT_VERSION)
+        self.segments[-1] = Segment.create(self.directory, base)
+        return True
 
     def _open_ids(self, end: int) -> int:
         """Open the id index and add the ids of the log after what it covers (all of

@@ -251,3 +251,25 @@ def test_an_older_active_segment_rolls_before_ids_or_a_transaction(tmp_path):
     versions = [fmt.decode_segment_header(p.read_bytes()[:32]).version
                 for p in segment_files(directory)]
     assert versions[-1] == fmt.FORMAT_VERSION and versions[-2] == 2
+
+
+def test_an_empty_older_active_segment_is_made_anew_in_the_newest_version(tmp_path):
+    from engine_helpers import rewrite_segment_header
+
+    directory = tmp_path / "d"
+    with Engine.open(directory):
+        pass
+    [segment] = segment_files(directory)
+    rewrite_segment_header(segment, version=3)
+    # The checkpoint an older MeiliES would have left: over that header.
+    from meilies.engine import checkpoint as ckpt
+    state = ckpt.read(directory)
+    state.segments[0].segment_hash = fmt.checksum(segment.read_bytes())
+    ckpt.write(directory, state)
+    for _ in range(2):  # and the checkpoint written after that agrees with it
+        with Engine.open(directory) as engine:
+            assert engine.segments[-1].version == fmt.FORMAT_VERSION
+    with Engine.open(directory) as engine:
+        engine.write(transaction("t1"))
+        engine.sync()
+        assert len(segment_files(directory)) == 1 and engine.written_position == 4
