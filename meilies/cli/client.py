@@ -1,8 +1,10 @@
 """``meilies-cli``: the command-line client, a thin click layer over :mod:`meilies.client`.
 
 Exit codes: 0 success; 1 cannot connect, connection lost, or the server refused the
-request; 2 usage; 3 ``append`` whose expected version did not match. ``subscribe
---exec`` exits with the failing command's code. No error prints a traceback: one
+request; 2 usage; 3 ``append`` whose expected version did not match; 4 ``append --id``
+with an id already stored otherwise than by this very append (a retry of the same
+command is not an error: it prints the first answer again). ``subscribe --exec``
+exits with the failing command's code. No error prints a traceback: one
 line on stderr.
 """
 
@@ -20,16 +22,21 @@ from datetime import datetime, timezone
 import click
 
 from ..client import (DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, Client, ConnectionError,
-                      Event, MeiliesError, ResponseError, WrongExpectedVersion, parse_spec)
+                      DuplicateEventId, Event, EventData, MeiliesError, ResponseError,
+                      WrongExpectedVersion, parse_spec)
 
 EXIT_ERROR = 1
 EXIT_CONFLICT = 3
+#: Not EXIT_CONFLICT: a script retries or re-reads on a version conflict, while an id
+#: stored elsewhere means the id (or the script) is wrong and a retry cannot help.
+EXIT_DUPLICATE_ID = 4
 
 CLI_EPILOG = """\b
 Examples:
   meilies-cli publish orders-17 created '{"total": 12}'
   echo '{"card": "..."}' | meilies-cli publish orders-17 paid -
   meilies-cli append orders-17 1 shipped '{}' delivered '{}'
+  meilies-cli append orders-17 3 refunded '{}' --id 6f1c0e2a-... --metadata '{"by": "ops"}'
   meilies-cli subscribe orders-17:0 'customers-3:0:10'
   meilies-cli subscribe --json '$all'
   meilies-cli subscribe orders-17:0 --exec 'jq .total'
@@ -54,6 +61,8 @@ class _ClientGroup(click.Group):
             return super().invoke(ctx)
         except WrongExpectedVersion as exc:
             _fail(str(exc), EXIT_CONFLICT)
+        except DuplicateEventId as exc:
+            _fail(str(exc), EXIT_DUPLICATE_ID)
         except ResponseError as exc:
             _fail(f"server error: {exc}")
         except ConnectionError as exc:
@@ -102,21 +111,52 @@ def publish(client: Client, stream: str, event: str, data: str) -> None:
 @click.argument("stream")
 @click.argument("expected")
 @click.argument("events", nargs=-1, required=True, metavar="EVENT DATA [EVENT DATA]...")
+@click.option("--id", "ids", multiple=True, metavar="ID",
+              help="An event id: once per event, in order (a UUID is typical).")
+@click.option("--metadata", multiple=True, metavar="M",
+              help="Event metadata: once per event, in order, or once for every event.")
 @click.pass_obj
-def append(client: Client, stream: str, expected: str, events: tuple[str, ...]) -> None:
+def append(client: Client, stream: str, expected: str, events: tuple[str, ...],
+           ids: tuple[str, ...], metadata: tuple[str, ...]) -> None:
     """Append EVENT DATA pairs to STREAM atomically; print the last event's number.
 
     EXPECTED is 'any', 'none' (STREAM must be empty) or the number STREAM's last event
     must have; on mismatch nothing is stored and the exit code is 3. One DATA may be
     '-' to read stdin.
+
+    With --id or --metadata the events are stored with them (append-full), and the
+    output is the last number and the last global position, on one line. With ids
+    the command is safe to run again after a lost reply: if it was stored, the rerun
+    stores nothing and prints the same line; an id stored by anything else exits 4.
     """
     if len(events) % 2:
         raise click.UsageError("events come in EVENT DATA pairs")
     if events[1::2].count("-") > 1:
         raise click.UsageError("only one DATA may be '-' (stdin)")
+    count = len(events) // 2
+    if ids and len(ids) != count:
+        raise click.UsageError(f"give --id once per event: {len(ids)} for {count} events")
+    if len(set(ids)) != len(ids):
+        raise click.UsageError("each --id must be different")
+    if "" in ids:
+        raise click.UsageError("an --id cannot be empty")
+    if len(metadata) not in (0, 1, count):
+        raise click.UsageError(f"give --metadata once per event or once for all:"
+                               f" {len(metadata)} for {count} events")
     expected_value = _expected(expected)
     pairs = [(events[i], _data(events[i + 1])) for i in range(0, len(events), 2)]
-    click.echo(client.append(stream, pairs, expected=expected_value))
+    if not (ids or metadata):
+        click.echo(client.append(stream, pairs, expected=expected_value))
+        return
+    # Metadata as given, like DATA: the argument's own bytes, even if not UTF-8.
+    metas: list[bytes | None] = [os.fsencode(m) for m in metadata] or [None]
+    if len(metas) == 1:
+        metas *= count  # one --metadata (or none) for every event
+    event_ids: list[str | None] = list(ids) or [None] * count
+    full = [EventData(name, data, event_id, meta)
+            for (name, data), event_id, meta in zip(pairs, event_ids, metas)]
+    result = client.append_full(stream, full, expected=expected_value)
+    click.echo(f"{result.last_number} {result.last_position}")
 
 
 def _expected(value: str) -> int | str:

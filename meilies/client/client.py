@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from collections.abc import Iterable, Iterator, Sequence
+
+import hiredis
 
 from .connection import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, Arg, Connection
-from .errors import ConnectionError, ProtocolError, ResponseError, TimeoutError
+from .errors import (ConnectionError, ProtocolError, ResponseError, TimeoutError,
+                     TransactionAborted, error_from_reply)
 from .subscriber import Event, Subscription, event_from_frame
+from .writes import (AppendResult, EventLike, Expected, Metadata, Queued, Transaction,
+                     append_command, normalize_events)
 
 #: ``publish_many`` sends this many requests, then reads their replies, then the next
 #: batch: replies never pile up in the socket buffers (which could deadlock a pipeline
 #: that only writes), and a batch's requests stay well under a megabyte of headers.
 PIPELINE_BATCH = 1000
 
-Expected = int | Literal["any", "none"]
 #: Names asked for per ``scan-streams`` page by :meth:`Client.scan_streams`.
 SCAN_PAGE = 1000
 
@@ -70,24 +73,53 @@ class Client:
         """Append one event to ``stream``; returns once the server stored it."""
         self._call(("publish", stream, event_name, data), retry=False)
 
-    def append(self, stream: str | bytes, events: Iterable[tuple[str | bytes, Arg]],
-               expected: Expected = "any") -> int:
-        """Append ``(event_name, data)`` pairs atomically; return the last event's number.
+    def append(self, stream: str | bytes, events: Iterable[EventLike],
+               expected: Expected = "any", ids: Sequence[str | bytes | None] | None = None,
+               metadata: Sequence[Metadata] | Metadata = None) -> AppendResult:
+        """Append events atomically (all or none, contiguous numbers); return the last
+        event's number as an :class:`AppendResult`.
+
+        ``events`` are ``(event_name, data)`` pairs or :class:`EventData`. ``ids`` (one
+        per event, None for none) and ``metadata`` (one per event, or one value for
+        all) add to the pairs what an EventData can carry itself.
 
         ``expected`` is ``"any"``, ``"none"`` (the stream must have no events) or the
         number the stream's last event must have. On mismatch nothing is stored and
         :class:`WrongExpectedVersion` is raised with the stream's ``actual`` last number.
+
+        While no event has an id or metadata this sends ``append``, as it always did,
+        and the result's ``last_position`` is None; otherwise ``append-full``, whose
+        result has the position too. An :class:`AppendResult` *is* the last number (an
+        ``int``), so callers of the plain form see no change.
+
+        With ids the append is idempotent: if the reply was lost (ConnectionError), call
+        again with the same events and ids. If the first attempt was stored, the retry
+        stores nothing and returns the same result, whatever ``expected`` says now. An
+        id already stored any other way raises :class:`DuplicateEventId` (the check
+        comes before ``expected``'s). Writes are never retried automatically.
         """
-        if isinstance(expected, bool) or not (
-                expected in ("any", "none") or (isinstance(expected, int) and expected >= 0)):
-            raise ValueError(f"expected must be 'any', 'none' or a number >= 0, not {expected!r}")
-        args: list[Arg] = ["append", stream, expected]
-        for name, data in events:
-            args += (name, data)
-        if len(args) == 3:
-            raise ValueError("append needs at least one (event_name, data) pair")
-        reply = self._call(args, retry=False)
-        return _expect_int(reply, "append")
+        args, read = append_command(stream, normalize_events(events, ids, metadata), expected)
+        return read(self._call(args, retry=False))
+
+    def append_full(self, stream: str | bytes, events: Iterable[EventLike],
+                    expected: Expected = "any") -> AppendResult:
+        """:meth:`append` always sent as ``append-full``, so that the result carries
+        ``last_position`` even for events without ids or metadata (e.g. to read your
+        own write with ``range("$all", result.last_position)``). Needs a server with
+        PROTOCOL.md v2."""
+        args, read = append_command(stream, normalize_events(events), expected, full=True)
+        return read(self._call(args, retry=False))
+
+    def transaction(self) -> Transaction:
+        """A :class:`Transaction`: writes queued in a ``with`` block, then stored all
+        together or not at all (``MULTI``/``EXEC``, one round trip per 1,000 writes)::
+
+            with client.transaction() as tx:
+                tx.publish("audit", "paid", b"...")
+                tx.append("orders-17", [EventData("paid", b"{}", id=uuid)], expected=3)
+            tx.results      # [None, AppendResult(last_number=4, last_position=...)]
+        """
+        return Transaction(self)
 
     def publish_many(self, stream: str | bytes,
                      events: Iterable[tuple[str | bytes, Arg]]) -> int:
@@ -249,6 +281,48 @@ class Client:
             raise
         return error
 
+    def _transact(self, queue: list[Queued]) -> list[object]:
+        """Send ``MULTI``, the queued writes and ``EXEC`` on one connection; return the
+        results. Called by :meth:`Transaction.execute`.
+
+        Requests go out in batches of PIPELINE_BATCH, each batch's ``+QUEUED`` replies
+        read before the next is sent (as :meth:`publish_many`), EXEC with the last one.
+        Every reply is read even after an error, so the connection is left out of the
+        transaction and in step. Never retried: on ConnectionError the connection is
+        dropped and the outcome is unknown to the caller.
+
+        The first transaction on a connection sends ``MULTI`` alone and waits for its
+        ``+OK``: a server without transactions (before PROTOCOL.md v2) answers it with
+        an error and would then store the pipelined writes one by one, not all or
+        none. Once a connection said ``+OK`` its server has them; later transactions
+        on it are fully pipelined.
+        """
+        with self._lock:
+            conn = self._connection_locked()
+            try:
+                replies = self._exchange_locked(conn, [args for args, _ in queue])
+            except BaseException:
+                self._drop_locked()  # replies half read (or a timeout): out of step
+                raise
+        return _transaction_results(queue, replies)
+
+    def _exchange_locked(self, conn: Connection, writes: list[list[Arg]]) -> list[object]:
+        """The replies to MULTI, ``writes`` and EXEC, errors as ``hiredis.ReplyError``;
+        just ``[MULTI's error]`` when a first MULTI was refused. Caller holds the lock."""
+        commands: list = [("MULTI",), *writes, ("EXEC",)]
+        replies: list[object] = []
+        if not conn.has_transactions:
+            conn.send(commands.pop(0))
+            replies.append(conn.read())
+            if isinstance(replies[0], hiredis.ReplyError):
+                return replies
+            conn.has_transactions = True
+        for start in range(0, len(commands), PIPELINE_BATCH):
+            batch = commands[start:start + PIPELINE_BATCH]
+            conn.send(*batch)
+            replies += (conn.read() for _ in batch)
+        return replies
+
     def _connection_locked(self) -> Connection:
         """The open connection, reopened if it died while idle. Caller holds the lock."""
         conn = self._conn
@@ -272,7 +346,32 @@ def _bound(value: int | str) -> int | str:
     return value
 
 
-def _expect_int(reply: object, command: str) -> int:
-    if not isinstance(reply, int):
-        raise ProtocolError(f"unexpected reply to {command}: {reply!r}")
-    return reply
+
+def _transaction_results(queue: list[Queued], replies: list[object]) -> list[object]:
+    """Each write's result from the replies to MULTI, the writes and EXEC; or the error
+    that stored nothing: MULTI's, EXEC's, or the first refused write's (``.index`` its
+    place in the queue) rather than EXEC's bare EXECABORT."""
+    multi, queued, executed = replies[0], replies[1:-1], replies[-1]
+    if isinstance(multi, hiredis.ReplyError):
+        if len(replies) == 1:
+            raise error_from_reply(str(multi))  # nothing else was sent
+        raise ProtocolError(f"MULTI refused ({multi}) on a connection where it had worked:"
+                            " the writes may have been stored one by one")
+    refused = [(i, r) for i, r in enumerate(queued) if isinstance(r, hiredis.ReplyError)]
+    if isinstance(executed, hiredis.ReplyError):
+        error = error_from_reply(str(executed))
+        if refused and isinstance(error, TransactionAborted):
+            index, reply = refused[0]
+            first = error_from_reply(str(reply))
+            first.index = index
+            raise first from error
+        raise error
+    if refused or type(executed) is not list or len(executed) != len(queue):
+        raise ProtocolError(f"unexpected reply to EXEC after {len(refused)} refused"
+                            f" command(s): {executed!r}"[:300])
+    results = []
+    for (_, read), reply in zip(queue, executed):
+        if isinstance(reply, hiredis.ReplyError):  # not in the contract: EXEC is all or none
+            raise ProtocolError(f"EXEC answered an error for one write: {reply}")
+        results.append(read(reply))
+    return results

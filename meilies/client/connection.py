@@ -78,6 +78,9 @@ class Connection:
         self.reader = hiredis.Reader(notEnoughData=NOT_ENOUGH_DATA)
         self._buf = bytearray(RECV_SIZE)
         self.closed = False
+        #: True once the server answered ``MULTI`` with ``+OK`` on this connection (it
+        #: has PROTOCOL.md v2 transactions); set by ``Client``.
+        self.has_transactions = False
 
     @classmethod
     def open(cls, host: str, port: int, password: str | bytes | None = None,
