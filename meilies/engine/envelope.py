@@ -33,7 +33,7 @@ from operator import add, itemgetter, sub
 
 from . import format as fmt
 from .errors import CorruptRecord
-from .index import ENTRY_SIZE, SealedIndex
+from .index import ENTRY_SIZE, SealedIndex, entry_columns
 from .segment import Segment
 
 #: What a full frame starts with, in place of the stored frame's ``*5\r\n``.
@@ -171,16 +171,28 @@ def _record_starts(segment: Segment, deltas: list[int], offsets: list[int]) -> l
     return out
 
 
+#: Index entries read at once while walking back to a record's start.
+WALK_CHUNK = 256
+
+
 def _walk_back(index, delta: int, offset: int) -> int:
     """:func:`_record_starts` for entry ``delta`` (frame at ``offset``), which shares its
-    record with the entry after it."""
-    while delta > 0:
-        before_offset, before_length = index.entry(delta - 1)[:2]
-        end = before_offset + before_length
-        if offset - end >= fmt.RECORD_HEADER_SIZE:
-            return end
-        delta -= 1
-        offset = before_offset
+    record with the entry after it: the end of the latest entry before it with a
+    record header's room between it and the next, read a chunk of entries at a time
+    (a large batch's last event is hundreds of entries from its header)."""
+    buf = index.buffer if isinstance(index, SealedIndex) else index.entries
+    stop = delta + 1
+    while stop > 1:
+        first = max(0, stop - WALK_CHUNK)
+        offsets, lengths, _deltas = entry_columns(buf, first, stop)
+        ends = list(map(add, offsets, lengths))
+        gaps = list(map(sub, offsets[1:], ends[:-1]))  # gaps[k]: before entry first+k+1
+        for k in range(len(gaps) - 1, -1, -1):
+            if gaps[k] >= fmt.RECORD_HEADER_SIZE:
+                return ends[k]
+        if first == 0:
+            break
+        stop = first + 1  # the next chunk ends with this one's first entry
     return fmt.SEGMENT_HEADER_SIZE
 
 

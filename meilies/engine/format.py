@@ -348,6 +348,18 @@ def record_extras(buf, offset: int, header: RecordHeader) -> list[bytes]:
     return [bytes(buf[start:start + length]) for start, length in zip(starts, lengths)]
 
 
+def event_extras(buf, offset: int, header: RecordHeader, i: int) -> bytes:
+    """Event ``i``'s stored extras in the record at ``offset`` (:func:`record_extras`
+    of one event, without copying the others')."""
+    if not header.extras_length:
+        return NO_EXTRAS
+    at = offset + RECORD_HEADER_SIZE + header.stream_name_length + EVENT_ENTRY_SIZE * header.count
+    lengths = array("I")
+    lengths.frombytes(bytes(buf[at:at + 4 * header.count]))
+    start = at + 4 * header.count + sum(lengths[:i])
+    return bytes(buf[start:start + lengths[i]])
+
+
 def _pairs(table: array) -> list[bytes]:
     """The 8-byte (frame_length, data_length) entries of a lengths table, one by one."""
     raw = table.tobytes()

@@ -134,9 +134,12 @@ class Opening:
         if start == 0 and end > 0:
             log.info("building the id index from the log (%d events)", end)
         added = 0
+        ids = self.ids
         for event_id, position in stored_ids(self, start):
-            if position not in self.ids.candidates(event_id):
-                self.ids.add(event_id, position)
+            # Built anew (start 0): nothing to find. Caught up: the tables may have
+            # the ids after ``covered`` already (written before the crash).
+            if start == 0 or position not in ids.candidates(event_id):
+                ids.add(event_id, position)
                 added += 1
         if start == 0 and end > 0:
             log.info("id index built: %d ids in %.1f s", added, time.monotonic() - started)

@@ -564,7 +564,7 @@ def stored_event(engine: Engine, position: int) -> StoredEvent:
                             " header is not where the records before it end")
     event_id = metadata = None
     if header.extras_length:
-        raw = fmt.record_extras(buf, at, header)[position - header.base_position]
+        raw = fmt.event_extras(buf, at, header, position - header.base_position)
         event_id, metadata = fmt.decode_extras(raw)
     view = memoryview(buf)
     event = event_at(buf, view, engine.streams.names[sid], number, offset, length, position)
