@@ -306,6 +306,7 @@ def encode_extras(event_id: bytes | None, metadata: bytes | None) -> bytes:
 
 
 NIL_BULK = b"$-1\r\n"
+_EXTRA_LENGTH = struct.Struct("<I")
 
 
 def decode_extras(raw: bytes) -> tuple[bytes | None, bytes | None]:
@@ -367,17 +368,30 @@ def _pairs(table: array) -> list[bytes]:
 
 
 def encode_single(stream: bytes, stream_id: int, position: int, number: int, name: bytes,
-                  data: bytes, version: int = FORMAT_VERSION, flags: int = 0
+                  data: bytes, version: int = FORMAT_VERSION, flags: int = 0,
+                  extra: bytes | None = None, timestamp_ms: int | None = None
                   ) -> tuple[bytes, int, int]:
     """:func:`encode_record` of one event, the publish path: (record, frame offset in
     the record, frame length). Same bytes, a fraction of the Python calls. (One event's
-    record differs between versions 1 and 2 only in its version byte.)"""
+    record differs between versions 1 and 2 only in its version byte.) ``extra`` is
+    the event's :func:`encode_extras` (version 4)."""
     head = b"*5\r\n+event\r\n+%s\r\n:%d\r\n+%s\r\n$%d\r\n" % (stream, number, name, len(data))
     frame_len = len(head) + len(data) + 2
     name_len = len(stream)
-    timestamp_ms = time.time_ns() // 1_000_000
+    if timestamp_ms is None:
+        timestamp_ms = time.time_ns() // 1_000_000
     if version >= 3:
         frame = b"".join((head, data, b"\r\n"))
+        if extra is not None:
+            extras = _EXTRA_LENGTH.pack(len(extra)) + extra
+            covered = b"".join((
+                _COVERED_HEADER.pack(version, flags, name_len,
+                                     name_len + EVENT_ENTRY_SIZE + len(extras) + frame_len,
+                                     1, position, number, stream_id, len(extras),
+                                     timestamp_ms),
+                stream, EVENT_ENTRY.pack(frame_len, len(data), frame_check(frame)), extras))
+            return (b"".join((RECORD_MAGIC, _CHECKSUM.pack(checksum(covered)), covered, frame)),
+                    RECORD_HEADER_SIZE + name_len + EVENT_ENTRY_SIZE + len(extras), frame_len)
         covered = b"".join((
             _COVERED_HEADER.pack(version, flags, name_len, name_len + EVENT_ENTRY_SIZE + frame_len,
                                  1, position, number, stream_id, 0, timestamp_ms),

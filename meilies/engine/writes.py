@@ -116,15 +116,8 @@ class WritePath:
     # -- checking -----------------------------------------------------------------------
 
     def _plan(self, writes: list[Write]) -> list[_Planned]:
-        events = sum(len(w.events) for w in writes)
-        if len(writes) > 1 and events > MAX_TRANSACTION_EVENTS:
-            raise InvalidArgument("transaction", f"{events} events, at most"
-                                  f" {MAX_TRANSACTION_EVENTS} allowed")
-        size = sum(len(d) + len(m or b"") for w in writes for (_n, d), m in
-                   zip(w.events, w.metadata or [None] * len(w.events)))
-        if len(writes) > 1 and size > MAX_TRANSACTION_BYTES:
-            raise InvalidArgument("transaction", f"{size} bytes of data and metadata, at most"
-                                  f" {MAX_TRANSACTION_BYTES} allowed")
+        if len(writes) > 1:
+            _check_transaction_size(writes)
         seen: set[bytes] = set()
         numbers: dict[bytes, int] = {}
         plans = []
@@ -182,60 +175,62 @@ class WritePath:
         # Ids, metadata and the CONTINUED flag need format 4: an older segment that was
         # active when the directory was opened rolls first (it never mixes versions).
         needs_v4 = len(stored) > 1 or any(p.extras is not None for p in stored)
-        records = self._encode_plans(stored, fmt.FORMAT_VERSION)
-        size = sum(len(enc.data) for _p, _sid, _pos, enc in records)
+        version = fmt.FORMAT_VERSION if needs_v4 else segment.version
+        records = self._encode_plans(stored, version)
+        size = sum(len(record[3]) for record in records)
         if (needs_v4 and segment.version < 4) or \
                 (segment.size > fmt.SEGMENT_HEADER_SIZE
                  and segment.size + size > self.segment_size):
             self._roll()
             segment = self.segments[-1]
-        if segment.version != fmt.FORMAT_VERSION:
-            records = self._encode_plans(stored, segment.version)
+            if segment.version != version:
+                records = self._encode_plans(stored, segment.version)
         streams = self.streams
-        for plan, sid, position, enc in records:
+        results: dict[int, AppendResult] = {}
+        for k, (plan, sid, position, data, offsets, lengths) in enumerate(records):
             write = plan.write
-            if write.stream not in streams.ids:
-                created = streams.create(write.stream, position)
-                assert created == sid, "stream ids are handed out in record order"
-            offset = segment.append(enc.data)
-            self._pending.append((segment, [offset + at for at in enc.offsets], enc.lengths,
-                                  sid, position, plan.first_number))
-            count = len(write.events)
+            if sid == len(streams):
+                streams.create(write.stream, position)
+            offset = segment.append(data)
+            self._pending.append((segment, [offset + at for at in offsets], lengths, sid,
+                                  position, plan.first_number))
+            count = len(lengths)
             streams.next_number[sid] = plan.first_number + count
             if write.ids:
                 self._remember_ids(write, plan.first_number, position)
-        _p, _sid, position, enc = records[-1]
-        self._next_position = position + len(enc.lengths)
-        results = []
-        ends = {id(plan): pos + len(plan.write.events) for plan, _sid, pos, _enc in records}
-        for plan in plans:
-            if plan.replay is not None:
-                results.append(plan.replay)
-            else:
-                count = len(plan.write.events)
-                results.append(AppendResult(plan.first_number, plan.first_number + count - 1,
-                                            ends[id(plan)]))
-        return results
+            results[id(plan)] = AppendResult(plan.first_number, plan.first_number + count - 1,
+                                             position + count)
+        self._next_position = position + count
+        return [p.replay if p.replay is not None else results[id(p)] for p in plans]
 
     def _encode_plans(self, stored: list[_Planned], version: int
-                      ) -> list[tuple[_Planned, int, int, fmt.EncodedRecord]]:
-        """(plan, stream id, first position, record) per write to store, in order."""
+                      ) -> list[tuple[_Planned, int, int, bytes, list[int], list[int]]]:
+        """(plan, stream id, first position, record, frame offsets in it, frame lengths)
+        per write to store, in order."""
         new_ids: dict[bytes, int] = {}
         position = self._next_position
         timestamp_ms = time.time_ns() // 1_000_000
         out = []
         last = len(stored) - 1
         for k, plan in enumerate(stored):
-            stream = plan.write.stream
+            write = plan.write
+            stream = write.stream
             sid = self.streams.ids.get(stream)
             if sid is None:
                 sid = new_ids.setdefault(stream, len(self.streams) + len(new_ids))
             flags = fmt.FLAG_CONTINUED if k < last else 0
-            enc = fmt.encode_record(stream, sid, position, plan.first_number, plan.write.events,
-                                    timestamp_ms, version=version, extras=plan.extras,
-                                    flags=flags)
-            out.append((plan, sid, position, enc))
-            position += len(plan.write.events)
+            if len(write.events) == 1:
+                (name, data), = write.events
+                record, frame_at, frame_len = fmt.encode_single(
+                    stream, sid, position, plan.first_number, name, data, version, flags,
+                    plan.extras[0] if plan.extras is not None else None, timestamp_ms)
+                out.append((plan, sid, position, record, [frame_at], [frame_len]))
+            else:
+                enc = fmt.encode_record(stream, sid, position, plan.first_number, write.events,
+                                        timestamp_ms, version=version, extras=plan.extras,
+                                        flags=flags)
+                out.append((plan, sid, position, enc.data, enc.offsets, enc.lengths))
+            position += len(write.events)
         return out
 
     def _remember_ids(self, write: Write, first_number: int, position: int) -> None:
@@ -269,6 +264,18 @@ class WritePath:
         while order and order[-1][0] >= position:
             _position, event_id = order.pop()
             del self._unpublished_ids[event_id]
+
+
+def _check_transaction_size(writes: list[Write]) -> None:
+    events = sum(len(w.events) for w in writes)
+    if events > MAX_TRANSACTION_EVENTS:
+        raise InvalidArgument("transaction", f"{events} events, at most"
+                              f" {MAX_TRANSACTION_EVENTS} allowed")
+    size = sum(len(d) + len(m or b"") for w in writes for (_n, d), m in
+               zip(w.events, w.metadata or [None] * len(w.events)))
+    if size > MAX_TRANSACTION_BYTES:
+        raise InvalidArgument("transaction", f"{size} bytes of data and metadata, at most"
+                              f" {MAX_TRANSACTION_BYTES} allowed")
 
 
 def _replay(write: Write, found: list[StoredEvent | None]) -> AppendResult:
