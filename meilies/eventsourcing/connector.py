@@ -11,6 +11,7 @@ application keeps working through a server restart, and never stores an event tw
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,8 @@ from ..client import (AuthenticationError, Client, ConnectionError, DuplicateEve
                       ServerShuttingDown, Subscription, TimeoutError, WrongExpectedVersion)
 
 T = TypeVar("T")
+
+log = logging.getLogger("meilies.eventsourcing")
 
 #: Seconds an operation is retried after its first connection failure.
 DEFAULT_RETRY_SECONDS = 10.0
@@ -78,6 +81,8 @@ class Connector:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.retry_seconds
+                    log.warning("MeiliES at %s:%s: %s; retrying for up to %gs", self.host,
+                                self.port, exc, self.retry_seconds)
                 if now + delay > deadline:
                     raise OperationalError(f"MeiliES at {self.host}:{self.port}: {exc}"
                                            f" (retried for {self.retry_seconds:g}s)") from exc
