@@ -28,12 +28,16 @@ subscribe(gt)                  ``subscribe $all@<gt>`` with full frames, resumed
                                reconnects by the client
 =============================  =========================================================
 
+The library's ``DCBApplication`` (dynamic consistency boundaries) is served too: its
+events are one stream per application, positions its numbers + 1 (dcb.py).
+
 Settings: see :class:`MeiliesFactory`. What differs from the SQL recorders, knowingly:
 an aggregate's versions cannot have gaps nor be inserted below the first one stored; a
 snapshot older than the aggregate's newest is refused; names are limited to 255 bytes
 and event data to the server's ``--max-event-size`` (``DataError`` beyond).
 """
 
+from .dcb import MeiliesDCBRecorder, MeiliesDCBSubscription
 from .factory import MeiliesFactory
 from .recorders import (MeiliesAggregateRecorder, MeiliesApplicationRecorder,
                         MeiliesProcessRecorder, MeiliesRecorder, MeiliesTrackingRecorder)
@@ -44,7 +48,8 @@ from .subscription import MeiliesSubscription
 Factory = MeiliesFactory
 
 __all__ = [
-    "Factory", "MeiliesAggregateRecorder", "MeiliesApplicationRecorder", "MeiliesFactory",
+    "Factory", "MeiliesAggregateRecorder", "MeiliesApplicationRecorder",
+    "MeiliesDCBRecorder", "MeiliesDCBSubscription", "MeiliesFactory",
     "MeiliesProcessRecorder", "MeiliesRecorder", "MeiliesSubscription",
     "MeiliesTrackingRecorder",
 ]

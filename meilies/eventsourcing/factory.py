@@ -3,12 +3,14 @@ read the library's way (``<APPLICATION>_MEILIES_PORT`` before ``MEILIES_PORT``).
 
 from __future__ import annotations
 
+from eventsourcing.dcb.persistence import DCBInfrastructureFactory
 from eventsourcing.persistence import (AggregateRecorder, ApplicationRecorder,
                                        InfrastructureFactory, ProcessRecorder)
 from eventsourcing.utils import Environment, EnvType, resolve_topic
 
 from ..client import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT
 from .connector import DEFAULT_POOL_SIZE, DEFAULT_RETRY_SECONDS, Connector
+from .dcb import MeiliesDCBRecorder
 from .names import StreamNames
 from .recorders import (MeiliesAggregateRecorder, MeiliesApplicationRecorder,
                         MeiliesProcessRecorder, MeiliesTrackingRecorder)
@@ -17,8 +19,10 @@ from .recorders import (MeiliesAggregateRecorder, MeiliesApplicationRecorder,
 SNAPSHOTS = "snapshots"
 
 
-class MeiliesFactory(InfrastructureFactory[MeiliesTrackingRecorder]):
-    """Recorders on one MeiliES server.
+class MeiliesFactory(InfrastructureFactory[MeiliesTrackingRecorder],
+                     DCBInfrastructureFactory[MeiliesTrackingRecorder]):
+    """Recorders on one MeiliES server: the four of the library's applications, and the
+    DCB recorder of its ``DCBApplication`` (dcb.py).
 
     Settings (environment variables, each also read with the application's name as a
     prefix, e.g. ``BANKACCOUNTS_MEILIES_PORT``):
@@ -103,6 +107,9 @@ class MeiliesFactory(InfrastructureFactory[MeiliesTrackingRecorder]):
         topic = self.env.get(self.PROCESS_RECORDER_TOPIC)
         cls = resolve_topic(topic) if topic else self.process_recorder_class
         return cls(self.connector, self.names)
+
+    def dcb_recorder(self) -> MeiliesDCBRecorder:
+        return MeiliesDCBRecorder(self.connector, self.names)
 
     def close(self) -> None:
         self.connector.close()

@@ -2,11 +2,10 @@
 view whose counters and tracking records are written in one transaction, the
 projection runner following an application through a subscription, and an
 event-sourced projection (a process recorder: new events and the tracking record of
-the notification they came from, all or none)."""
+the notification they came from, all or none). The DCB projection case is in
+test_dcb.py."""
 
 from __future__ import annotations
-
-from unittest import skip
 
 from eventsourcing.tests import projection as cases
 
@@ -32,12 +31,3 @@ class TestAggregateEventCountersProjection(WithEnv,
 
 class TestEventSourcedProjection(WithEnv, cases.EventSourcedProjectionTestCase):
     pass
-
-
-@skip("needs the library's separate DCB persistence API (DCBInfrastructureFactory and"
-      " DCBRecorder: reads by tags and types, appends conditional on a query), which"
-      " meilies.eventsourcing does not provide yet; this case exercises that API, not the"
-      " tracking recorder")
-class TestTaggedDecisionCountersProjection(WithEnv,
-                                           cases.TaggedDecisionCountersProjectionTestCase):
-    view_class = MeiliesEventCounters
