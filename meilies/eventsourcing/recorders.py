@@ -26,9 +26,11 @@ from eventsourcing.persistence import (AggregateRecorder, ApplicationRecorder,
                                        TrackingRecorder)
 
 from ..client import AppendResult, Client, Event, EventData, WrongExpectedVersion
+from . import frames
 from .connector import Connector
+from .frames import DATA, METADATA, NAME, NUMBER, POSITION, STREAM, Frame
 from .names import TRACKING_KIND, StreamNames, originator_id
-from .versions import Contiguous, Increasing, Run, encode_version, plan, version_of
+from .versions import Contiguous, Increasing, Run, encode_version, plan
 
 #: Events asked for per range request (the server's cap without COUNT).
 PAGE = 10_000
@@ -154,10 +156,11 @@ class MeiliesAggregateRecorder(MeiliesRecorder, AggregateRecorder):
         else:
             events = self.connector.run(
                 lambda client: _select_increasing(client, stream, gt, lte, desc, limit))
-        return [StoredEvent(originator_id, version_of(e), e.name, e.data) for e in events]
+        return [StoredEvent(originator_id, int(f[METADATA]) if f[METADATA] else f[NUMBER],
+                            f[NAME].decode(), f[DATA]) for f in events]
 
     def _select_contiguous(self, client: Client, stream: str, gt: int | None,
-                           lte: int | None, desc: bool, limit: int | None) -> list[Event]:
+                           lte: int | None, desc: bool, limit: int | None) -> list[Frame]:
         policy: Contiguous = self.policy  # type: ignore[assignment]
         if gt is None and lte is None:
             events = _read(client, stream, "-", "+", desc, limit)
@@ -206,29 +209,43 @@ class MeiliesApplicationRecorder(MeiliesAggregateRecorder, ApplicationRecorder):
 
     def _notifications(self, client: Client, first: int, last: int | None, limit: int,
                        topics: frozenset[str]) -> list[Notification]:
-        head = self.head
+        head = self.head.encode()
+        skip = len(head)
+        wanted = frozenset(topic.encode() for topic in topics)
+        ids: dict[bytes, Any] = {}  # stream -> originator id, parsed once per read
         found: list[Notification] = []
         count = min(limit, PAGE)
         end: int | str = "+" if last is None else last
         while True:
-            page = client.range("$all", first, end, count=count)
-            for event in page:
-                if event.stream.startswith(head) and (not topics or event.name in topics):
-                    found.append(self.notification(event))
-                    if len(found) == limit:
-                        return found
+            page = frames.read(client, "range", "$all", first, end, count)
+            for f in page:
+                stream = f[STREAM]
+                if not stream.startswith(head) or (wanted and f[NAME] not in wanted):
+                    continue
+                oid = ids.get(stream)
+                if oid is None:
+                    oid = ids[stream] = originator_id(stream[skip:].decode())
+                metadata = f[METADATA]
+                found.append(Notification(
+                    id=f[POSITION] + 1, originator_id=oid,
+                    originator_version=int(metadata) if metadata else f[NUMBER],
+                    topic=f[NAME].decode(), state=f[DATA]))
+                if len(found) == limit:
+                    return found
             if len(page) < count:
                 return found  # the end of the log, or of [first, last]
-            first = page[-1].position + 1
+            first = page[-1][POSITION] + 1
             if last is not None and first > last:
                 return found
             count = min(count * FILTER_GROWTH, PAGE)
 
     def notification(self, event: Event) -> Notification:
+        """The notification of an event that came by subscription."""
+        metadata = event.metadata
         return Notification(id=event.position + 1,
                             originator_id=originator_id(event.stream[len(self.head):]),
-                            originator_version=version_of(event), topic=event.name,
-                            state=event.data)
+                            originator_version=int(metadata) if metadata else event.number,
+                            topic=event.name, state=event.data)
 
     def max_notification_id(self) -> int | None:
         return self.connector.run(self._max_notification_id)
@@ -236,16 +253,17 @@ class MeiliesApplicationRecorder(MeiliesAggregateRecorder, ApplicationRecorder):
     def _max_notification_id(self, client: Client) -> int | None:
         """``revrange $all + - COUNT 1``, and further back while the last events belong
         to other applications (or to snapshots and tracking records)."""
+        head = self.head.encode()
         end: int | str = "+"
         count = 1
         while True:
-            page = client.revrange("$all", end, "-", count=count)
-            for event in page:
-                if event.stream.startswith(self.head):
-                    return event.position + 1
-            if len(page) < count or page[-1].position == 0:
+            page = frames.read(client, "revrange", "$all", end, "-", count)
+            for f in page:
+                if f[STREAM].startswith(head):
+                    return f[POSITION] + 1
+            if len(page) < count or page[-1][POSITION] == 0:
                 return None
-            end = page[-1].position - 1
+            end = page[-1][POSITION] - 1
             count = min(count * FILTER_GROWTH * 4, PAGE)
 
     def subscribe(self, gt: int | None = None,
@@ -294,29 +312,29 @@ def _send(client: Client, runs: list[Run], expected: list) -> list[AppendResult]
 
 
 def _read(client: Client, stream: str, start: int | str, end: int | str, desc: bool,
-          limit: int | None) -> list[Event]:
+          limit: int | None) -> list[Frame]:
     """Events of ``stream`` numbered ``start`` to ``end`` (both included), ascending or
     descending, at most ``limit``: as many requests of PAGE events as it takes."""
-    events: list[Event] = []
+    events: list[Frame] = []
     while True:
         count = PAGE if limit is None else min(PAGE, limit - len(events))
         if desc:
-            page = client.revrange(stream, end, start, count=count)
+            page = frames.read(client, "revrange", stream, end, start, count)
         else:
-            page = client.range(stream, start, end, count=count)
+            page = frames.read(client, "range", stream, start, end, count)
         events.extend(page)
         if len(page) < count or (limit is not None and len(events) >= limit):
             return events
         if desc:
-            if page[-1].number == 0:
+            if page[-1][NUMBER] == 0:
                 return events
-            end = page[-1].number - 1
+            end = page[-1][NUMBER] - 1
         else:
-            start = page[-1].number + 1
+            start = page[-1][NUMBER] + 1
 
 
 def _read_versions(client: Client, stream: str, base: int, gt: int | None,
-                   lte: int | None, desc: bool, limit: int | None) -> list[Event]:
+                   lte: int | None, desc: bool, limit: int | None) -> list[Frame]:
     """Events with ``gt < version <= lte`` of a contiguous stream whose base is ``base``."""
     start = 0 if gt is None else max(gt + 1 - base, 0)
     if lte is None:
@@ -329,20 +347,20 @@ def _read_versions(client: Client, stream: str, base: int, gt: int | None,
 
 
 def _select_increasing(client: Client, stream: str, gt: int | None, lte: int | None,
-                       desc: bool, limit: int | None) -> list[Event]:
+                       desc: bool, limit: int | None) -> list[Frame]:
     """Events with ``gt < version <= lte`` of a stream whose versions increase with
     gaps: read from the end (desc) or the start, skipping until the range is reached."""
-    found: list[Event] = []
+    found: list[Frame] = []
     start: int | str = "-"
     end: int | str = "+"
     count = 1 if desc and limit == 1 else PAGE  # the last snapshot: the usual question
     while True:
         if desc:
-            page = client.revrange(stream, end, "-", count=count)
+            page = frames.read(client, "revrange", stream, end, "-", count)
         else:
-            page = client.range(stream, start, "+", count=count)
+            page = frames.read(client, "range", stream, start, "+", count)
         for event in page:
-            version = version_of(event)
+            version = frames.version(event)
             if desc:
                 if gt is not None and version <= gt:
                     return found
@@ -359,11 +377,11 @@ def _select_increasing(client: Client, stream: str, gt: int | None, lte: int | N
         if len(page) < count:
             return found
         if desc:
-            if page[-1].number == 0:
+            if page[-1][NUMBER] == 0:
                 return found
-            end = page[-1].number - 1
+            end = page[-1][NUMBER] - 1
         else:
-            start = page[-1].number + 1
+            start = page[-1][NUMBER] + 1
         count = PAGE
 
 

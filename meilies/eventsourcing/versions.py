@@ -41,19 +41,14 @@ from typing import Literal, Union
 
 from eventsourcing.persistence import IntegrityError
 
-from ..client import Client, Event, EventData
+from ..client import Client, EventData
+from . import frames
+from .frames import Frame
 
 Expected = Union[int, Literal["none"]]
 
 #: Streams whose state each policy remembers; the oldest are forgotten first.
 DEFAULT_CACHE_SIZE = 100_000
-
-
-def version_of(event: Event) -> int:
-    """An event's originator version: its metadata, or its number when it has none
-    (an event written into the namespace by something other than this module)."""
-    metadata = event.metadata
-    return int(metadata) if metadata else event.number
 
 
 def encode_version(version: int) -> bytes:
@@ -99,19 +94,18 @@ class Contiguous:
     def remember(self, stream: str, base: int) -> None:
         self._bases.put(stream, base)
 
-    def learn(self, stream: str, events: Sequence[Event]) -> int | None:
+    def learn(self, stream: str, events: Sequence[Frame]) -> int | None:
         """Remember the base that any one of ``events`` of ``stream`` shows."""
         if not events:
             return None
-        event = events[0]
-        base = version_of(event) - event.number
+        base = frames.version(events[0]) - events[0][frames.NUMBER]
         if self._bases.get(stream) != base:
             self._bases.put(stream, base)
         return base
 
     def refresh(self, client: Client, stream: str) -> int | None:
         """Read the stream's base (None: the stream has no events)."""
-        return self.learn(stream, client.range(stream, "-", "-", count=1))
+        return self.learn(stream, frames.read(client, "range", stream, "-", "-", 1))
 
     def plan(self, base: int | None, versions: Sequence[int]) -> tuple[Expected, int]:
         """The expected last number for appending ``versions`` (consecutive), and the
@@ -150,11 +144,11 @@ class Increasing:
         self._lasts.put(stream, last)
 
     def refresh(self, client: Client, stream: str) -> Last | None:
-        events = client.revrange(stream, "+", "-", count=1)
+        events = frames.read(client, "revrange", stream, "+", "-", 1)
         if not events:
             self._lasts.forget(stream)
             return None
-        last = Last(events[0].number, version_of(events[0]))
+        last = Last(events[0][frames.NUMBER], frames.version(events[0]))
         self._lasts.put(stream, last)
         return last
 
