@@ -129,13 +129,17 @@ class WritePath:
                 check_new_stream_name(stream)
             count = len(write.events)
             ids = write.ids or [None] * count
-            for event_id in ids:
+            found: list[StoredEvent | None] = [None] * count
+            hits = False
+            for k, event_id in enumerate(ids):
                 if event_id is not None:
                     if event_id in seen:
                         raise DuplicateIdInRequest(event_id)
                     seen.add(event_id)
-            found = [None if i is None else self.find_event_id(i) for i in ids]
-            if any(found):
+                    hit = found[k] = self.find_event_id(event_id)
+                    if hit is not None:
+                        hits = True
+            if hits:
                 plans.append(_Planned(write, _replay(write, found), -1, None))
                 continue
             if stream in numbers:
@@ -145,10 +149,12 @@ class WritePath:
             if write.expected != ANY:
                 self._check_expected(stream, current, write.expected)
             numbers[stream] = current + count
-            metadata = write.metadata or [None] * count
             extras = None
-            if any(i is not None for i in ids) or any(m is not None for m in metadata):
+            if write.ids is not None or write.metadata is not None:
+                metadata = write.metadata or [None] * count
                 extras = list(map(fmt.encode_extras, ids, metadata))
+                if count == 1 and extras[0] == fmt.NO_EXTRAS:
+                    extras = None  # an append-full without id or metadata: a plain record
             plans.append(_Planned(write, None, current, extras))
         return plans
 
@@ -168,16 +174,21 @@ class WritePath:
     # -- storing ------------------------------------------------------------------------
 
     def _store(self, plans: list[_Planned]) -> list[AppendResult]:
-        stored = [p for p in plans if p.replay is None]
+        if len(plans) == 1:  # an append-full: no comprehension frames on the hot path
+            stored = plans if plans[0].replay is None else []
+        else:
+            stored = [p for p in plans if p.replay is None]
         if not stored:
             return [p.replay for p in plans]
         segment = self.segments[-1]
         # Ids, metadata and the CONTINUED flag need format 4: an older segment that was
         # active when the directory was opened rolls first (it never mixes versions).
-        needs_v4 = len(stored) > 1 or any(p.extras is not None for p in stored)
+        needs_v4 = len(stored) > 1 or stored[0].extras is not None
         version = fmt.FORMAT_VERSION if needs_v4 else segment.version
         records = self._encode_plans(stored, version)
-        size = sum(len(record[3]) for record in records)
+        size = 0
+        for record in records:
+            size += len(record[3])
         if (needs_v4 and segment.version < 4) or \
                 (segment.size > fmt.SEGMENT_HEADER_SIZE
                  and segment.size + size > self.segment_size):
@@ -192,8 +203,11 @@ class WritePath:
             if sid == len(streams):
                 streams.create(write.stream, position)
             offset = segment.append(data)
-            self._pending.append((segment, [offset + at for at in offsets], lengths, sid,
-                                  position, plan.first_number))
+            if len(offsets) == 1:
+                offsets = [offset + offsets[0]]
+            else:
+                offsets = [offset + at for at in offsets]
+            self._pending.append((segment, offsets, lengths, sid, position, plan.first_number))
             count = len(lengths)
             streams.next_number[sid] = plan.first_number + count
             if write.ids:
@@ -201,6 +215,8 @@ class WritePath:
             results[id(plan)] = AppendResult(plan.first_number, plan.first_number + count - 1,
                                              position + count)
         self._next_position = position + count
+        if len(plans) == 1:
+            return [results[id(plans[0])]]
         return [p.replay if p.replay is not None else results[id(p)] for p in plans]
 
     def _encode_plans(self, stored: list[_Planned], version: int
