@@ -35,6 +35,8 @@ log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
 INTERNAL_ERROR = resp.error("ERR internal error")
+#: The global position a settled write ends at, in ``Connection._writes`` entries.
+_END_POSITION = itemgetter(2)
 #: Subscriptions started between two turns of the event loop (see subscribe).
 SPAWN_SLICE = 256
 #: Up to this many views of the log are sent with sendmsg as they are, not joined.
@@ -291,12 +293,14 @@ class Connection:
         failure = None
         try:
             if self._always:
-                # The last append still standing ends last (a take-back rewinds
-                # positions, so earlier survivors end before it): waiting for it
-                # waits for all of them.
+                # Waiting for the append still standing that ends last waits for all
+                # of them. Not simply the last one: an idempotent retry answers with
+                # the position its events were first stored at, which may lie before
+                # a new append pipelined ahead of it (a take-back rewinds positions,
+                # so the survivors of one still end before the appends after it).
                 standing = [w for w in writes if engine.lost_since(w[3], w[2]) is None]
                 if standing:
-                    _at, _count, position, mark = standing[-1]
+                    _at, _count, position, mark = max(standing, key=_END_POSITION)
                     self.server.commit.wait(position, mark)
             else:
                 engine.flush()

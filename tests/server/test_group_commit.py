@@ -546,3 +546,43 @@ def test_a_pipeline_across_a_roll_whose_write_fails_answers_each_publish_truly(
     client.close()
     server.stop()
     assert [s for s, _n, _d in read_all(tmp_path / "d", 600)] == [b"warm", b"c"]
+
+
+def test_a_retry_pipelined_after_a_new_append_full_waits_for_the_new_one(tmp_path):
+    """A retry answers with the position its events were first stored at, before the
+    new append pipelined ahead of it: the connection must still wait until that new
+    append is durable before it answers either (found by tools/torture.py: an
+    acknowledged transaction lost to a kill -9)."""
+    import select
+
+    from gevent import socket as gsocket
+
+    from meilies.server.app import Config, Server
+
+    engine = Engine.open(tmp_path / "d", fsync="always")
+    server = Server(engine, Config(port=0, fsync="always"))
+    syncer = HeldSyncer()
+    server.commit = GroupCommit(engine, syncer)
+    server.start()
+    client = gsocket.create_connection(("127.0.0.1", server.port))
+    first = resp_command(b"append-full", b"s", b"any", b"id-1", b"e", b"", b"one")
+    client.sendall(first)
+    stored = gevent.spawn(read_lines, client, 3)
+    sync_until_done(syncer, [stored])
+    assert stored.value == [b"*2", b":0", b":0"]
+
+    client.sendall(resp_command(b"append-full", b"t", b"any", b"id-2", b"e", b"", b"two")
+                   + first)
+    deadline = time.monotonic() + TIMEOUT
+    while not syncer.requests and not select.select([client.fileno()], [], [], 0)[0]:
+        assert time.monotonic() < deadline, "neither a sync asked nor an answer"
+        gevent.sleep(0.001)
+    assert not select.select([client.fileno()], [], [], 0)[0], \
+        "answered before the new append-full was durable"
+    assert engine.durable_position == 1
+    replies = gevent.spawn(read_lines, client, 6)
+    sync_until_done(syncer, [replies])
+    assert replies.value == [b"*2", b":0", b":1", b"*2", b":0", b":0"]
+    assert engine.durable_position == 2
+    client.close()
+    server.stop()
