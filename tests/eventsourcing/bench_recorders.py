@@ -5,7 +5,7 @@
 The insert rows are the library's own ``test_performance`` and
 ``test_concurrent_throughput`` cases (their printed rates, parsed), run with a
 recorder of each kind; the select and notification rows are measured here the same
-way for all three. Each figure is the median of ``--rounds`` runs.
+way for all three. Each figure is the median of ``--rounds`` runs, taken in turn.
 
 Every store is durable: ``meilies-server --fsync always`` (its default), SQLite on a
 file (the library's WAL mode), PostgreSQL with ``fsync`` and ``synchronous_commit``
@@ -200,13 +200,16 @@ def main() -> None:
             ]
             table = []
             for label, measure in ROWS:
-                figures = []
-                for backend in backends:
-                    rates = [backend.measure(measure) for _ in range(args.rounds)]
-                    figures.append(statistics.median(rates))
+                # Rounds go round the backends, so that a slow spell of the machine
+                # (a disk busy elsewhere) falls on all of them alike.
+                rates: list[list[float]] = [[] for _ in backends]
+                for _ in range(args.rounds):
+                    for backend, backend_rates in zip(backends, rates):
+                        backend_rates.append(backend.measure(measure))
+                for backend, backend_rates in zip(backends, rates):
                     print(f"  {backend.name:14} {label}: "
-                          + ", ".join(f"{r:,.0f}" for r in rates), file=sys.stderr)
-                table.append((label, figures))
+                          + ", ".join(f"{r:,.0f}" for r in backend_rates), file=sys.stderr)
+                table.append((label, [statistics.median(r) for r in rates]))
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
