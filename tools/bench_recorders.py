@@ -1,6 +1,6 @@
 """Figures: the library's recorders on MeiliES, SQLite and PostgreSQL, in one run.
 
-    python3 tests/eventsourcing/bench_recorders.py [--rounds 3]
+    python3 tools/bench_recorders.py [--rounds 3]
 
 The insert rows are the library's own ``test_performance`` and
 ``test_concurrent_throughput`` cases (their printed rates, parsed), run with a
@@ -33,7 +33,7 @@ import unittest
 from pathlib import Path
 from uuid import uuid4
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: serverproc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # serverproc
 
 from eventsourcing.persistence import InfrastructureFactory, StoredEvent  # noqa: E402
 from eventsourcing.tests import persistence as cases  # noqa: E402
