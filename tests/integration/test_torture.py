@@ -1,5 +1,6 @@
 """The crash torture driver (tools/torture.py), a few rounds of it: kill -9 of the real
-server under a mixed load, then every acknowledged event checked after each restart.
+server under a mixed load, then every acknowledged event checked after each restart,
+and (with writers) every request whose reply was lost retried with the same ids.
 A long run is in the README's "Reliability" section."""
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ def summary_figure(output: str, label: str) -> int:
 
 
 def test_three_rounds_of_kill_9_lose_nothing_acknowledged(tmp_path):
-    done = run_torture("--rounds", "3", "--seed", "11", "--data-dir", str(tmp_path / "data"))
+    # Publishers only: the mix the torture had before transactions.
+    done = run_torture("--rounds", "3", "--seed", "11", "--data-dir", str(tmp_path / "data"),
+                       "--tx-writers", "0")
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
     assert summary_figure(output, "rounds") == 3
@@ -37,6 +40,28 @@ def test_three_rounds_of_kill_9_lose_nothing_acknowledged(tmp_path):
     acknowledged = summary_figure(output, "events acknowledged")
     assert acknowledged > 0
     assert summary_figure(output, "events verified") == acknowledged
+    assert "transactions:" not in output
+
+
+def test_transactions_and_retries_after_kill_9_store_everything_once(tmp_path):
+    # Each kill while the writers have replies in flight: lost replies to retry.
+    done = run_torture("--rounds", "3", "--seed", "21", "--data-dir", str(tmp_path / "data"),
+                       "--tx-writers", "2", "--kill-mid-load")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert summary_figure(output, "rounds") == 3
+    assert summary_figure(output, "problems") == 0
+    assert summary_figure(output, "events acknowledged") == summary_figure(
+        output, "events verified")
+    transactions = summary_figure(output, "transactions")
+    assert transactions > 0
+    assert re.search(rf"^  transactions: .* {transactions} found whole", output, re.MULTILINE)
+    assert summary_figure(output, "append-full") > 0
+    lost = summary_figure(output, "replies lost")
+    assert lost > 0
+    assert summary_figure(output, "retries") == lost
+    assert summary_figure(output, "ids") > 0
+    assert "final check:" in output
 
 
 def test_torture_notices_acknowledged_events_that_are_gone(tmp_path):
@@ -47,4 +72,5 @@ def test_torture_notices_acknowledged_events_that_are_gone(tmp_path):
     output = done.stdout + done.stderr
     assert done.returncode == 1, output
     assert "(LOSS)" in output
+    assert "(LOSS of an acknowledged transaction)" in output
     assert summary_figure(output, "problems") > 0
