@@ -87,3 +87,32 @@ def test_an_id_missing_from_the_index_is_reported_and_rebuilt_on_repair(tmp_path
     assert repaired.after.clean
     with Engine.open(directory) as engine:
         assert engine.find_event_id(b"id-3").number == 3
+
+
+def test_a_crash_in_the_middle_of_a_roll_leaves_notes_not_problems(tmp_path):
+    """Found by tools/torture.py: a kill -9 between creating the next segment and
+    sealing the active one leaves its .pidx as the last checkpoint wrote it, no .sidx,
+    and the new segment without a .pidx. The engine completes them on open; fsck must
+    not call a legitimate crash state damage."""
+    from meilies.engine.files import position_index_path, stream_index_path
+    from meilies.engine.segment import Segment
+
+    source = tmp_path / "d"
+    with Engine.open(source) as engine:
+        for i in range(20):
+            engine.append(b"s", [(b"e", b"%d" % i)])
+        engine.checkpoint()
+        for i in range(5):
+            engine.append(b"s", [(b"e", b"late %d" % i)])
+        engine.sync()
+        crashed = crash_copy(source, tmp_path / "crashed")
+    # What the roll had done when the kill came: the next segment, nothing else.
+    Segment.create(crashed, 25).close()
+    assert not stream_index_path(crashed, 0).exists()
+    assert not position_index_path(crashed, 25).exists()
+    report = fsck.verify(crashed)
+    assert report.clean, [p.describe() for p in report.problems]
+    assert any("middle of a segment roll" in note for note in report.notes)
+    with Engine.open(crashed) as engine:
+        assert len(read_everything(engine)) == 25
+    assert fsck.verify(crashed).clean

@@ -403,10 +403,29 @@ class _Verifier:
     def _finish_segment(self, segment: _Segment) -> None:
         """All records of ``segment`` are good: judge its index files and checkpoint entry
         (the workers compared the entries; here are the sizes and the verdicts)."""
-        newest = segment.k == len(self.listing.bases) - 1
+        count = len(self.listing.bases)
+        newest = segment.k == count - 1
+        # A crash in the middle of a roll (the next segment created, holding only its
+        # header; this one not yet sealed, or the next one's .pidx not yet written by
+        # the checkpoint that follows) leaves derived files behind the log, which the
+        # engine completes on open: a note, not a problem.
+        mid_roll = count >= 2 and self.listing.sizes[-1] <= fmt.SEGMENT_HEADER_SIZE and \
+            segment.k >= count - 2
         expected = segment.events * ENTRY_SIZE
         pidx = position_index_path(self.directory, segment.base)
         size = _size_or_none(pidx)
+        sidx = stream_index_path(self.directory, segment.base)
+        if mid_roll and (size is None or size < expected) and \
+                (newest or _size_or_none(sidx) is None):
+            what = "missing" if size is None else \
+                f"holds {size // ENTRY_SIZE} of the segment's {segment.events} entries"
+            self.report.notes.append(
+                f"{pidx.name}: {what}{'' if newest else f', and {sidx.name} is missing'}:"
+                " the server stopped in the middle of a segment roll; the engine writes"
+                " them on open")
+            if self.checkpoint is not None and segment.k < len(self.checkpoint.segments):
+                self._check_checkpoint_segment(segment)
+            return
         problem = _index_size_problem(pidx, size, expected, may_be_short=newest)
         if problem is None and segment.pidx_bad is not None:
             problem = _entry_problem(pidx, segment.pidx_bad)
