@@ -51,7 +51,7 @@ _MAGIC_AND_TIMESTAMP = struct.Struct("<4s%dxIQ" % (EXTRAS_LENGTH_OFFSET - 4))
 #: An index entry's frame offset and length.
 _OFFSET_LENGTH = struct.Struct("<II")
 _ONLY_MAGIC = {fmt.RECORD_MAGIC}
-_MISPLACED_HEADER = ("the index points at a frame whose record header is not where the"
+MISPLACED_HEADER = ("the index points at a frame whose record header is not where the"
                      " records before it end")
 #: A full frame of an event without id and metadata: the stored frame after its
 #: ``*5\r\n``, then position and timestamp.
@@ -72,20 +72,14 @@ def _bulk(value: bytes | None) -> bytes:
     return NIL if value is None else b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def record_timestamps(segment: Segment, buf, offsets: list[int], lengths: list[int],
-                      deltas: list[int]) -> list[int]:
-    """The timestamp of each event of a read from ``segment``: frame offsets, lengths
-    and position deltas in ascending position order (not necessarily consecutive: a
-    stream's events). One header read per record the read touches, in C-level passes
-    (single publishes make a record per event)."""
-    return record_details(segment, buf, offsets, lengths, deltas)[0]
-
-
 def record_details(segment: Segment, buf, offsets: list[int], lengths: list[int],
                    deltas: list[int]) -> tuple[list[int], list[bytes] | None]:
-    """:func:`record_timestamps`, and each event's stored extras (its id and metadata
-    as the wire has them), or None when no record of the read has any (the usual
-    case, with nothing more to read)."""
+    """The timestamp of each event of a read from ``segment`` (frame offsets, lengths
+    and position deltas in ascending position order, not necessarily consecutive: a
+    stream's events), and each event's stored extras (its id and metadata as the wire
+    has them), or None when no record of the read has any (the usual case, with
+    nothing more to read). One header read per record the read touches, in C-level
+    passes (single publishes make a record per event)."""
     count = len(offsets)
     ends = list(map(add, offsets, lengths))
     if deltas[-1] - deltas[0] == count - 1 and offsets[1:] == ends[:-1]:
@@ -94,7 +88,7 @@ def record_details(segment: Segment, buf, offsets: list[int], lengths: list[int]
         at = _record_starts(segment, deltas[:1], offsets[:1])[0]
         magic, extras_length, stamp = _MAGIC_AND_TIMESTAMP.unpack_from(buf, at)
         if magic != fmt.RECORD_MAGIC:
-            raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
+            raise CorruptRecord(segment.path, at, MISPLACED_HEADER)
         extras = None
         if extras_length:
             extras = _extras_of(segment, buf, [at], [0], deltas, count)
@@ -119,7 +113,7 @@ def record_details(segment: Segment, buf, offsets: list[int], lengths: list[int]
     if set(map(itemgetter(0), magics_and_stamps)) != _ONLY_MAGIC:
         at = next(h for h, (magic, _x, _ts) in zip(headers, magics_and_stamps)
                   if magic != fmt.RECORD_MAGIC)
-        raise CorruptRecord(segment.path, at, _MISPLACED_HEADER)
+        raise CorruptRecord(segment.path, at, MISPLACED_HEADER)
     stamps = list(map(itemgetter(2), magics_and_stamps))
     extras = None
     if any(map(itemgetter(1), magics_and_stamps)):

@@ -42,7 +42,6 @@ import logging
 import mmap
 import os
 import struct
-from collections.abc import Iterable
 from pathlib import Path
 
 import xxhash
@@ -227,6 +226,12 @@ class IdIndex:
         counts = list(struct.unpack_from(f"<{levels}Q", raw, _STATE_HEAD.size))
         return covered, counts
 
+    def reset(self) -> None:
+        """Start empty: the tables are removed (the caller adds every id again)."""
+        self.close()
+        self.covered = 0
+        self._remove_tables()
+
     def _remove_tables(self) -> None:
         for path in self.directory.glob("ids-*.table"):
             try:
@@ -255,10 +260,6 @@ class IdIndex:
             self.levels.append(_Level.create(table_path(self.directory, level),
                                              self.first_bits + level))
         self.levels[-1].insert(tag_of(event_id), position)
-
-    def add_many(self, pairs: Iterable[tuple[bytes, int]]) -> None:
-        for event_id, position in pairs:
-            self.add(event_id, position)
 
     def checkpoint(self, covered: int) -> None:
         """Make the tables durable, then record that they hold every id before

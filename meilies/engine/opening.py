@@ -127,9 +127,7 @@ class Opening:
         if self.ids.covered > end:  # the log was cut back (fsck --repair): start over
             log.warning("the id index covers position %d, past the log's end %d; rebuilding"
                         " it from the log", self.ids.covered, end)
-            self.ids.close()
-            self.ids.covered = 0
-            self.ids._remove_tables()
+            self.ids.reset()
         start = self.ids.covered
         if start == 0 and end > 0:
             log.info("building the id index from the log (%d events)", end)

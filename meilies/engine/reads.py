@@ -25,7 +25,7 @@ from . import format as fmt
 from .errors import CorruptRecord
 from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, RUN_STRIDE,
                     WORDS_PER_ENTRY, ActiveIndex, SealedIndex, entry_columns)
-from .envelope import _record_starts, full_frames
+from .envelope import MISPLACED_HEADER, _record_starts, full_frames
 from .segment import Segment
 from .spans import plan_spans, runs
 
@@ -560,8 +560,7 @@ def stored_event(engine: Engine, position: int) -> StoredEvent:
     at = _record_starts(segment, [delta], [offset])[0]
     header = fmt.decode_record_header(buf, at)
     if header.magic != fmt.RECORD_MAGIC:
-        raise CorruptRecord(segment.path, at, "the index points at a frame whose record"
-                            " header is not where the records before it end")
+        raise CorruptRecord(segment.path, at, MISPLACED_HEADER)
     event_id = metadata = None
     if header.extras_length:
         raw = fmt.event_extras(buf, at, header, position - header.base_position)
