@@ -202,17 +202,7 @@ class AppendPath:
             self._publish()
 
     def _check_expected(self, stream: bytes, current: int, expected: str | int) -> None:
-        if expected == ANY:
-            return
-        if expected == NO_STREAM:
-            if current != 0:
-                raise WrongExpectedVersion(stream.decode("utf-8", "replace"), current - 1, "none")
-            return
-        if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
-            raise InvalidArgument("expected", "must be 'any', 'none' or an event number")
-        if current == 0 or current - 1 != expected:
-            raise WrongExpectedVersion(stream.decode("utf-8", "replace"),
-                                       current - 1 if current else None, str(expected))
+        check_expected(stream, current, expected)
 
     def _segment_for(self, record_size: int) -> Segment:
         active = self.segments[-1]
@@ -249,3 +239,19 @@ class AppendPath:
         except StorageError as exc:
             log.warning("could not write a checkpoint after sealing %s; going on without"
                         " it: %s", old.path.name, exc)
+
+
+def check_expected(stream: bytes, current: int, expected: str | int) -> None:
+    """Raise :class:`WrongExpectedVersion` unless ``expected`` holds for a stream whose
+    next number is ``current`` (:class:`InvalidArgument` for a malformed one)."""
+    if expected == ANY:
+        return
+    if expected == NO_STREAM:
+        if current != 0:
+            raise WrongExpectedVersion(stream.decode("utf-8", "replace"), current - 1, "none")
+        return
+    if not isinstance(expected, int) or isinstance(expected, bool) or expected < 0:
+        raise InvalidArgument("expected", "must be 'any', 'none' or an event number")
+    if current == 0 or current - 1 != expected:
+        raise WrongExpectedVersion(stream.decode("utf-8", "replace"),
+                                   current - 1 if current else None, str(expected))

@@ -98,17 +98,19 @@ class WritePath:
     """Writes with ids, metadata and transactions (see the module docstring); a mixin of
     the engine, over its stream table, segments and id index."""
 
-    def write(self, writes: list[Write], *, flush: bool = True) -> list[AppendResult]:
+    def write(self, writes: list[Write], *, flush: bool = True,
+              timestamp_ms: int | None = None) -> list[AppendResult]:
         """Store ``writes`` all or none; return each one's numbers and end position (a
         retry's are those it first had). Raises :class:`WrongExpectedVersion`,
         :class:`DuplicateEventId`, :class:`InvalidArgument` (nothing stored then) or
         :class:`StorageError` (a roll failed). Durable after the next sync, as
-        :meth:`append`; ``flush=False`` as there."""
+        :meth:`append`; ``flush=False`` as there. ``timestamp_ms`` stamps the events
+        (default: now): a replica of another log of record keeps that log's stamps."""
         self._check_open()
         if not writes:
             return []
         plans = self._plan(writes)
-        results = self._store(plans)
+        results = self._store(plans, timestamp_ms)
         if flush:
             self.flush()
         return results
@@ -117,7 +119,7 @@ class WritePath:
 
     def _plan(self, writes: list[Write]) -> list[_Planned]:
         if len(writes) > 1:
-            _check_transaction_size(writes)
+            check_transaction_size(writes)
         seen: set[bytes] = set()
         numbers: dict[bytes, int] = {}
         plans = []
@@ -140,7 +142,7 @@ class WritePath:
                     if hit is not None:
                         hits = True
             if hits:
-                plans.append(_Planned(write, _replay(write, found), -1, None))
+                plans.append(_Planned(write, replay_reply(write, found), -1, None))
                 continue
             if stream in numbers:
                 current = numbers[stream]
@@ -173,7 +175,8 @@ class WritePath:
 
     # -- storing ------------------------------------------------------------------------
 
-    def _store(self, plans: list[_Planned]) -> list[AppendResult]:
+    def _store(self, plans: list[_Planned], timestamp_ms: int | None = None
+               ) -> list[AppendResult]:
         if len(plans) == 1:  # an append-full: no comprehension frames on the hot path
             stored = plans if plans[0].replay is None else []
         else:
@@ -185,7 +188,7 @@ class WritePath:
         # active when the directory was opened rolls first (it never mixes versions).
         needs_v4 = len(stored) > 1 or stored[0].extras is not None
         version = fmt.FORMAT_VERSION if needs_v4 else segment.version
-        records = self._encode_plans(stored, version)
+        records = self._encode_plans(stored, version, timestamp_ms)
         size = 0
         for record in records:
             size += len(record[3])
@@ -195,7 +198,7 @@ class WritePath:
             self._roll()
             segment = self.segments[-1]
             if segment.version != version:
-                records = self._encode_plans(stored, segment.version)
+                records = self._encode_plans(stored, segment.version, timestamp_ms)
         streams = self.streams
         results: dict[int, AppendResult] = {}
         for k, (plan, sid, position, data, offsets, lengths) in enumerate(records):
@@ -219,13 +222,15 @@ class WritePath:
             return [results[id(plans[0])]]
         return [p.replay if p.replay is not None else results[id(p)] for p in plans]
 
-    def _encode_plans(self, stored: list[_Planned], version: int
+    def _encode_plans(self, stored: list[_Planned], version: int,
+                      timestamp_ms: int | None = None
                       ) -> list[tuple[_Planned, int, int, bytes, list[int], list[int]]]:
         """(plan, stream id, first position, record, frame offsets in it, frame lengths)
         per write to store, in order."""
         new_ids: dict[bytes, int] = {}
         position = self._next_position
-        timestamp_ms = time.time_ns() // 1_000_000
+        if timestamp_ms is None:
+            timestamp_ms = time.time_ns() // 1_000_000
         out = []
         last = len(stored) - 1
         for k, plan in enumerate(stored):
@@ -282,7 +287,7 @@ class WritePath:
             del self._unpublished_ids[event_id]
 
 
-def _check_transaction_size(writes: list[Write]) -> None:
+def check_transaction_size(writes: list[Write]) -> None:
     events = sum(len(w.events) for w in writes)
     if events > MAX_TRANSACTION_EVENTS:
         raise InvalidArgument("transaction", f"{events} events, at most"
@@ -294,7 +299,7 @@ def _check_transaction_size(writes: list[Write]) -> None:
                               f" {MAX_TRANSACTION_BYTES} allowed")
 
 
-def _replay(write: Write, found: list[StoredEvent | None]) -> AppendResult:
+def replay_reply(write: Write, found: list[StoredEvent | None]) -> AppendResult:
     """The first reply of a write whose ids are stored, if it is an exact retry of the
     write that stored them; else :class:`DuplicateEventId` for its first stored id."""
     count = len(write.events)
