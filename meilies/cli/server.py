@@ -8,6 +8,9 @@ import sys
 
 import click
 
+from ..backends import BackendUnavailable
+from ..backends.pgschema import SchemaTooNew
+from ..backends.postgres import PostgresBackend
 from ..engine import Engine
 from ..engine.errors import CorruptionError, DirectoryLocked, EngineError
 from ..engine.log import DEFAULT_SEGMENT_SIZE
@@ -46,20 +49,47 @@ Examples:
               show_default=True, metavar="BYTES",
               help="Size at which the log rolls to a new segment file (a record never spans"
                    " two; one larger than this gets a segment of its own).")
+@click.option("--backend", type=click.Choice(["embedded", "postgres"]), default="embedded",
+              show_default=True,
+              help="Where the log of record lives. embedded: in DATA_DIR. postgres: in"
+                   " PostgreSQL (--postgres-dsn), DATA_DIR then holding this server's"
+                   " replica of it, rebuilt from PostgreSQL when missing.")
+@click.option("--postgres-dsn", envvar="MEILIES_POSTGRES_DSN", default=None, metavar="DSN",
+              help="libpq connection string or URI for --backend postgres (also from"
+                   " MEILIES_POSTGRES_DSN), e.g. 'host=db1,db2 dbname=meilies"
+                   " target_session_attrs=read-write'.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
-         requirepass: str | None, maxclients: int, segment_size: int, log_level: str) -> None:
+         requirepass: str | None, maxclients: int, segment_size: int, backend: str,
+         postgres_dsn: str | None, log_level: str) -> None:
     """Serve the MeiliES event store in DATA_DIR over the Redis protocol (RESP)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if backend == "postgres":
+        if not postgres_dsn:
+            _fail("--backend postgres needs --postgres-dsn (or MEILIES_POSTGRES_DSN)")
+        if fsync != "always":
+            log.info("--fsync %s does not apply to --backend postgres: PostgreSQL's commit"
+                     " (synchronous_commit, synchronous_standby_names) decides", fsync)
+        fsync = "no"  # the replica is derived data
     config = Config(host=host, port=port, fsync=fsync, max_event_size=max_event_size,
-                    requirepass=requirepass, maxclients=maxclients)
+                    requirepass=requirepass, maxclients=maxclients, backend=backend)
     limit = raise_open_file_limit(maxclients + 1024)
     log.info("open-file limit is %d", limit)
+    writer = None
     try:
-        engine = Engine.open(data_dir, fsync=fsync, max_event_size=max_event_size,
-                             segment_size=segment_size)
+        if backend == "postgres":
+            writer = PostgresBackend.open(postgres_dsn, data_dir, max_event_size=max_event_size,
+                                          segment_size=segment_size)
+            engine = writer.engine
+        else:
+            engine = Engine.open(data_dir, fsync=fsync, max_event_size=max_event_size,
+                                 segment_size=segment_size)
+    except BackendUnavailable as exc:
+        _fail(str(exc.reason))
+    except SchemaTooNew as exc:
+        _fail(str(exc))
     except DirectoryLocked as exc:
         _fail(f"{exc}: is another meilies-server running on it?")
     except CorruptionError as exc:
@@ -74,15 +104,21 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
              report.seconds, report.streams, report.events, report.segments,
              "" if report.used_checkpoint else " (state rebuilt from the log)")
     try:
-        server = Server(engine, config)
+        server = Server(engine, config, writer)
         server.stop_on_signals()
         server.start()
     except OSError as exc:
+        if writer is not None:
+            writer.close()
         engine.close()
         if exc.errno == errno.EADDRINUSE:
             _fail(f"cannot listen on {host}:{port}: address already in use")
         _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    log.info("listening on %s:%d (fsync %s)", host, server.port, fsync)
+    if writer is not None:
+        log.info("listening on %s:%d (backend postgres, replica in %s)", host, server.port,
+                 data_dir)
+    else:
+        log.info("listening on %s:%d (fsync %s)", host, server.port, fsync)
     if not server.serve_until_signalled():
         # The last sync failed: acknowledged events (under everysec or no) may not be on
         # stable storage. The log said why; the exit code says so too.

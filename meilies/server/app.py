@@ -25,6 +25,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
+from ..backends import WriteBackend
 from ..engine import Engine
 from ..engine.errors import EngineError
 from ..engine.names import DEFAULT_MAX_EVENT_SIZE
@@ -58,6 +59,8 @@ class Config:
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE
     requirepass: str | None = None
     maxclients: int = DEFAULT_MAXCLIENTS
+    #: Where the log of record lives (backends/): "embedded" or "postgres".
+    backend: str = "embedded"
 
     @property
     def max_bulk(self) -> int:
@@ -70,8 +73,13 @@ class Config:
 
 
 class Server:
-    def __init__(self, engine: Engine, config: Config) -> None:
+    def __init__(self, engine: Engine, config: Config, writer: WriteBackend | None = None
+                 ) -> None:
         self.engine = engine
+        #: Where writes go: the engine (embedded) or the postgres backend, whose replica
+        #: ``engine`` then is (backends/).
+        self.writer: WriteBackend = writer if writer is not None else engine
+        self._backend = writer
         self.config = config
         self.notifier = Notifier(engine)
         self.commit = GroupCommit(engine)
@@ -110,6 +118,8 @@ class Server:
         Listening comes last: a client that finds the port open finds the server whole.
         """
         self.maxclients = clients_allowed_by_open_file_limit(self.config.maxclients)
+        if self._backend is not None:
+            self._backend.start()
         if self.config.fsync == "always":
             self.commit.start()
         elif self.config.fsync == "everysec":
@@ -148,6 +158,8 @@ class Server:
             connection.closing = True
             connection._abort()
         self.commit.close()
+        if self._backend is not None:
+            self._backend.close()
         synced = True
         try:
             self.engine.sync()

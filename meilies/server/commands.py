@@ -44,7 +44,7 @@ class Command:
 
 
 def publish(conn: Connection, args: list[bytes]) -> bytes:
-    result = conn.engine.append(args[1], [(args[2], args[3])], ANY, flush=False)
+    result = conn.writer.append(args[1], [(args[2], args[3])], ANY, flush=False)
     conn.wrote(result.end_position)
     return resp.OK
 
@@ -54,7 +54,7 @@ def append(conn: Connection, args: list[bytes]) -> bytes:
         raise CommandError("ERR wrong number of arguments for 'append'")
     expected = transaction.parse_expected(args[2])
     events = [(args[i], args[i + 1]) for i in range(3, len(args), 2)]
-    result = conn.engine.append(args[1], events, expected, flush=False)
+    result = conn.writer.append(args[1], events, expected, flush=False)
     conn.wrote(result.end_position)
     return resp.integer(result.last_number)
 
@@ -63,7 +63,7 @@ def append_full(conn: Connection, args: list[bytes]) -> bytes:
     """``append-full <stream> <expected> (<id> <name> <metadata> <data>)+``:
     ``*2 :<last number> :<last position>`` (an exact retry gets its first reply)."""
     write = transaction.append_full_write(args)
-    result = conn.engine.write([write], flush=False)[0]
+    result = conn.writer.write([write], flush=False)[0]
     conn.wrote(result.end_position)
     return transaction.reply_of(b"append-full", result)
 
@@ -305,7 +305,10 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
         ("last_position", conn.engine.visible_position - 1),
         ("segments", stats["segments"]),
         ("disk_bytes", stats["disk_bytes"]),
-        ("fsync", server.config.fsync),
+        # Under postgres a reply waits for PostgreSQL's commit: "always" as a client
+        # sees it (the replica itself, derived data, is never synced).
+        ("fsync", "always" if server.config.backend == "postgres" else server.config.fsync),
+        ("backend", server.config.backend),
         ("max_event_size", server.config.max_event_size),
     ]
     body = "# Server\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields)

@@ -54,6 +54,8 @@ class Connection:
     def __init__(self, server: Server, sock: socket.socket, address) -> None:
         self.server = server
         self.engine = server.engine
+        #: Where writes go (backends/): the engine itself, or the postgres backend.
+        self.writer = server.writer
         self.sock = sock
         self.address = address
         self.authenticated = server.config.requirepass is None
@@ -168,7 +170,7 @@ class Connection:
         each is appended on its own, so that only the bad ones get the error."""
         out = self._out
         try:
-            result = self.engine.append(stream, list(map(_EVENT, requests)), ANY,
+            result = self.writer.append(stream, list(map(_EVENT, requests)), ANY,
                                         flush=False)
         except InvalidArgument as exc:  # raised before anything is appended
             if len(requests) > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..backends import BackendUnavailable
 from ..engine import errors as engine_errors
 from . import resp
 
@@ -39,6 +40,8 @@ def engine_error_reply(exc: engine_errors.EngineError) -> bytes | None:
         return resp.error(f"ERR {exc}")
     if isinstance(exc, engine_errors.StorageError):
         return resp.error(f"ERR storage failure, nothing was stored: {exc}")
+    if isinstance(exc, BackendUnavailable):
+        return resp.error(f"ERR backend unavailable: {exc}")
     if isinstance(exc, engine_errors.EngineClosed):
         return resp.error("ERR server is shutting down")
     return None

@@ -142,7 +142,7 @@ class Transaction:
             return EXECABORT
         if not self.writes:
             return resp.EMPTY_ARRAY
-        results = conn.engine.write(self.writes, flush=False)
+        results = conn.writer.write(self.writes, flush=False)
         conn.wrote(max(result.end_position for result in results))
         return b"".join([resp.array_header(len(results))]
                         + [reply_of(name, result) for name, result in zip(self.names, results)])
