@@ -96,6 +96,35 @@ class PostgresProcess:
                 conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn(name)
 
+    def standby(self, directory: Path, name: str) -> PostgresProcess:
+        """A streaming-replication standby of this server, named ``name`` (its
+        ``application_name``, as ``synchronous_standby_names`` lists it); not started."""
+        standby = PostgresProcess(directory)
+        standby._own()
+        self._run(str(self.bindir / "pg_basebackup"), "-d",
+                  f"host=127.0.0.1 port={self.port} user=postgres", "-D", str(standby.data),
+                  "-X", "stream", "-R", "--no-sync", "-c", "fast")
+        standby.follow(self, name)
+        return standby
+
+    def follow(self, primary: PostgresProcess, name: str) -> None:
+        """Stream from ``primary`` (a reload applies it to a running standby)."""
+        with open(self.data / "postgresql.auto.conf", "a") as conf:
+            conf.write(f"primary_conninfo = 'host=127.0.0.1 port={primary.port}"
+                       f" user=postgres application_name={name}'\n")
+        if (self.data / "postmaster.pid").exists():
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "reload")
+
+    def promote(self) -> None:
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "promote")
+
+    def query(self, sql: str, *params):
+        import psycopg
+
+        with psycopg.connect(self.dsn("postgres"), autocommit=True, connect_timeout=5) as conn:
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else []
+
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-w", "-m", "fast",

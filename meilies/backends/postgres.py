@@ -103,9 +103,14 @@ class PostgresBackend:
     module docstring). Make it with :meth:`open`; :meth:`start` once the gevent hub
     runs the server; :meth:`close` at the end."""
 
-    def __init__(self, dsn: str, engine: Engine) -> None:
+    def __init__(self, dsn: str, engine: Engine, commit: str = "always") -> None:
         self.psycopg = _psycopg()
         self.dsn = dsn
+        #: ``--fsync``: "always" waits for PostgreSQL's commit to be durable (and, with
+        #: synchronous standbys, replicated); the others set ``synchronous_commit = off``
+        #: (PostgreSQL then loses at most ~3 x wal_writer_delay of commits in a crash
+        #: of its own, never a torn transaction).
+        self.commit_policy = commit
         self.engine = engine
         self._conns: dict[str, object] = {}
         self._pool: ThreadPool | None = None
@@ -119,13 +124,15 @@ class PostgresBackend:
     # -- opening ------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, dsn: str, data_dir: str | os.PathLike, **engine_options) -> PostgresBackend:
+    def open(cls, dsn: str, data_dir: str | os.PathLike, commit: str = "always",
+             **engine_options) -> PostgresBackend:
         """Connect, create the schema if missing, open the replica in ``data_dir``
         (moving aside one that does not match the log) and bring it up to date.
-        Raises :class:`BackendUnavailable` if PostgreSQL cannot be reached."""
+        ``commit`` is the ``--fsync`` policy (see ``commit_policy``). Raises
+        :class:`BackendUnavailable` if PostgreSQL cannot be reached."""
         engine_options["fsync"] = "no"  # derived data: the log of record is PostgreSQL
         engine = Engine.open(data_dir, **engine_options)
-        backend = cls(dsn, engine)
+        backend = cls(dsn, engine, commit)
         try:
             conn = backend._conn("writer")
             if ensure_schema(conn):
@@ -217,12 +224,20 @@ class PostgresBackend:
         return self._submit(writes)
 
     def _submit(self, writes: list[Write]) -> list[AppendResult]:
-        if self._closed:
-            raise BackendUnavailable("server is shutting down")
+        return self.submit(writes).get()
+
+    def submit(self, writes: list[Write]) -> AsyncResult:
+        """Queue one request (stored all or none) and return at once: its results
+        (or the error refusing it) arrive in the returned AsyncResult. A connection
+        submits its pipelined writes this way, so that they share commits; requests are
+        checked and stored in the order they were submitted."""
         request = _Request(writes)
+        if self._closed:
+            request.result.set_exception(BackendUnavailable("server is shutting down"))
+            return request.result
         self._queue.append(request)
         self._wake.set()
-        return request.result.get()
+        return request.result
 
     # -- the committer (hub side) -------------------------------------------------------
 
@@ -439,6 +454,9 @@ class PostgresBackend:
         options = {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT}
         try:
             conn = psycopg.connect(self.dsn, autocommit=role != "writer", **options)
+            if role == "writer" and self.commit_policy != "always":
+                conn.execute("SET synchronous_commit = off")
+                conn.commit()
         except psycopg.Error as exc:
             raise BackendUnavailable(f"cannot reach PostgreSQL: {describe(exc)}") from None
         self._conns[role] = conn

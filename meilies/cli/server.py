@@ -37,7 +37,8 @@ Examples:
               show_default=True,
               help="always: answer writes once on stable storage (group commit); everysec:"
                    " sync once a second; no: leave it to the OS. No policy loses events on a"
-                   " process crash.")
+                   " process crash. With --backend postgres: always waits for PostgreSQL's"
+                   " commit (synchronous_commit on), the others do not (off).")
 @click.option("--max-event-size", type=click.IntRange(0, 512 * 1024 * 1024),
               default=DEFAULT_MAX_EVENT_SIZE, show_default=True,
               help="Largest event data accepted, in bytes.")
@@ -69,10 +70,6 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
     if backend == "postgres":
         if not postgres_dsn:
             _fail("--backend postgres needs --postgres-dsn (or MEILIES_POSTGRES_DSN)")
-        if fsync != "always":
-            log.info("--fsync %s does not apply to --backend postgres: PostgreSQL's commit"
-                     " (synchronous_commit, synchronous_standby_names) decides", fsync)
-        fsync = "no"  # the replica is derived data
     config = Config(host=host, port=port, fsync=fsync, max_event_size=max_event_size,
                     requirepass=requirepass, maxclients=maxclients, backend=backend)
     limit = raise_open_file_limit(maxclients + 1024)
@@ -80,7 +77,8 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
     writer = None
     try:
         if backend == "postgres":
-            writer = PostgresBackend.open(postgres_dsn, data_dir, max_event_size=max_event_size,
+            writer = PostgresBackend.open(postgres_dsn, data_dir, commit=fsync,
+                                          max_event_size=max_event_size,
                                           segment_size=segment_size)
             engine = writer.engine
         else:

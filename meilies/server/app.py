@@ -120,9 +120,11 @@ class Server:
         self.maxclients = clients_allowed_by_open_file_limit(self.config.maxclients)
         if self._backend is not None:
             self._backend.start()
-        if self.config.fsync == "always":
+        # The engine's own policy: under postgres its replica is never synced, whatever
+        # --fsync asked of PostgreSQL's commits (backends/postgres.py).
+        if self.engine.fsync == "always":
             self.commit.start()
-        elif self.config.fsync == "everysec":
+        elif self.engine.fsync == "everysec":
             self.commit.sync_periodically(1.0)
         try:
             self._stream_server.start()

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..engine import ANY
+from ..engine.appends import AppendResult
 from ..engine.errors import InvalidArgument
+from ..engine.writes import Write
 from ..engine.names import check_stream_name
 from . import ranges, resp, transaction
 from .errors import NOAUTH, WRONGPASS, CommandError
@@ -43,7 +45,21 @@ class Command:
     before_auth: bool = False
 
 
+def _ok(results: list[AppendResult]) -> bytes:
+    return resp.OK
+
+
+def _last_number(results: list[AppendResult]) -> bytes:
+    return resp.integer(results[0].last_number)
+
+
+def _append_full_reply(results: list[AppendResult]) -> bytes:
+    return transaction.reply_of(b"append-full", results[0])
+
+
 def publish(conn: Connection, args: list[bytes]) -> bytes:
+    if conn.deferred:
+        return conn.defer([Write(args[1], [(args[2], args[3])])], _ok)
     result = conn.writer.append(args[1], [(args[2], args[3])], ANY, flush=False)
     conn.wrote(result.end_position)
     return resp.OK
@@ -54,6 +70,8 @@ def append(conn: Connection, args: list[bytes]) -> bytes:
         raise CommandError("ERR wrong number of arguments for 'append'")
     expected = transaction.parse_expected(args[2])
     events = [(args[i], args[i + 1]) for i in range(3, len(args), 2)]
+    if conn.deferred:
+        return conn.defer([Write(args[1], events, expected)], _last_number)
     result = conn.writer.append(args[1], events, expected, flush=False)
     conn.wrote(result.end_position)
     return resp.integer(result.last_number)
@@ -63,6 +81,8 @@ def append_full(conn: Connection, args: list[bytes]) -> bytes:
     """``append-full <stream> <expected> (<id> <name> <metadata> <data>)+``:
     ``*2 :<last number> :<last position>`` (an exact retry gets its first reply)."""
     write = transaction.append_full_write(args)
+    if conn.deferred:
+        return conn.defer([write], _append_full_reply)
     result = conn.writer.write([write], flush=False)[0]
     conn.wrote(result.end_position)
     return transaction.reply_of(b"append-full", result)
@@ -305,9 +325,7 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
         ("last_position", conn.engine.visible_position - 1),
         ("segments", stats["segments"]),
         ("disk_bytes", stats["disk_bytes"]),
-        # Under postgres a reply waits for PostgreSQL's commit: "always" as a client
-        # sees it (the replica itself, derived data, is never synced).
-        ("fsync", "always" if server.config.backend == "postgres" else server.config.fsync),
+        ("fsync", server.config.fsync),
         ("backend", server.config.backend),
         ("max_event_size", server.config.max_event_size),
     ]

@@ -24,6 +24,7 @@ from gevent.hub import get_hub
 
 from ..engine import ANY
 from ..engine.errors import EngineError, InvalidArgument, StorageError
+from ..engine.writes import Write
 from . import commands, ranges, resp, subscription, transaction
 from .errors import NOAUTH, CommandError, engine_error_reply, unknown_command, wrong_arity
 from .transaction import Transaction
@@ -35,6 +36,11 @@ log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
 INTERNAL_ERROR = resp.error("ERR internal error")
+_OK = resp.OK
+
+
+def _ok(results) -> bytes:
+    return _OK
 #: The global position a settled write ends at, in ``Connection._writes`` entries.
 _END_POSITION = itemgetter(2)
 #: Subscriptions started between two turns of the event loop (see subscribe).
@@ -56,6 +62,13 @@ class Connection:
         self.engine = server.engine
         #: Where writes go (backends/): the engine itself, or the postgres backend.
         self.writer = server.writer
+        #: Writes go to a backend that answers later (postgres): they are submitted
+        #: as they come (so a pipeline's writes share commits) and their replies are
+        #: filled in by ``_settle_writes``.
+        self.deferred = server.writer is not server.engine
+        #: (index in ``_out``, the backend's AsyncResult, what makes the reply from
+        #: the results) per deferred write, in order.
+        self._deferred: list[tuple[int, object, object]] = []
         self.sock = sock
         self.address = address
         self.authenticated = server.config.requirepass is None
@@ -74,7 +87,7 @@ class Connection:
         #: ends at, ``engine.loss_mark`` before it). Each is judged on its own: a
         #: failure may take back one append of a pipeline and not the next.
         self._writes: list[tuple[int, int, int, int]] = []
-        self._always = server.config.fsync == "always"
+        self._always = server.engine.fsync == "always"
         self._send_lock = Semaphore()
         #: A set: a subscription that ends removes itself, and a connection may hold
         #: 10,000 (a list made ending them all quadratic: 0.7 s of loop for 10,000).
@@ -169,6 +182,10 @@ class Connection:
         """One append of the publishes ``requests``; if the engine refuses an argument,
         each is appended on its own, so that only the bad ones get the error."""
         out = self._out
+        if self.deferred:  # one request each: a bad one is refused alone
+            for request in requests:
+                out.append(self.defer([Write(stream, [_EVENT(request)])], _ok))
+            return
         try:
             result = self.writer.append(stream, list(map(_EVENT, requests)), ANY,
                                         flush=False)
@@ -211,7 +228,7 @@ class Connection:
                 command.max_args is not None and len(request) > command.max_args):
             out.append(wrong_arity(command.name).reply)
             return
-        if command.reads and self._writes:
+        if command.reads and (self._writes or self._deferred):
             self._settle_writes()
         try:
             reply = command.handler(self, request)
@@ -282,12 +299,38 @@ class Connection:
         mark noted now is the one from before it.)"""
         self._writes.append((len(self._out), replies, position, self.engine.loss_mark))
 
+    def defer(self, writes: list[Write], render) -> bytes:
+        """Submit one request of ``writes`` (stored all or none) to a backend that
+        answers later; its reply, ``render(results)`` (or the error), is filled in by
+        ``_settle_writes``. Returns the placeholder the caller puts next in ``_out``."""
+        self._deferred.append((len(self._out), self.writer.submit(writes), render))
+        return b""
+
+    def _settle_deferred(self) -> None:
+        out = self._out
+        for at, pending, render in self._deferred:
+            try:
+                reply = render(pending.get())
+            except EngineError as exc:
+                reply = engine_error_reply(exc)
+                if reply is None:
+                    log.error("internal error storing a write: %r", exc)
+                    reply = INTERNAL_ERROR
+            except Exception as exc:  # a bug: answer as _execute does, and keep serving
+                log.error("internal error storing a write: %r", exc)
+                reply = INTERNAL_ERROR
+            out[at] = reply
+        self._deferred.clear()
+
     def _settle_writes(self) -> None:
         """Make this connection's appends safe before replying: under ``--fsync
         always`` wait for the group commit (which writes and syncs them with everyone
         else's), otherwise write them now. Then each append whose events a failure took
         back (that write or sync, or any before it, such as a roll's) gets the error
-        as its replies; the others stand."""
+        as its replies; the others stand. (With a deferred backend: wait for its
+        answers.)"""
+        if self._deferred:
+            self._settle_deferred()
         writes = self._writes
         if not writes:
             return

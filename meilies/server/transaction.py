@@ -142,7 +142,12 @@ class Transaction:
             return EXECABORT
         if not self.writes:
             return resp.EMPTY_ARRAY
+        if conn.deferred:
+            return conn.defer(self.writes, self._reply)
         results = conn.writer.write(self.writes, flush=False)
         conn.wrote(max(result.end_position for result in results))
+        return self._reply(results)
+
+    def _reply(self, results: list[AppendResult]) -> bytes:
         return b"".join([resp.array_header(len(results))]
                         + [reply_of(name, result) for name, result in zip(self.names, results)])

@@ -87,6 +87,7 @@ def caught_signals(pid: int) -> set[int]:
     return {signum for signum in range(1, 65) if mask & (1 << (signum - 1))}
 
 
+@pytest.mark.embedded_only
 @pytest.mark.parametrize("policy", ["always", "no"])
 def test_a_server_that_accepts_connections_already_stops_cleanly_on_sigterm(start_server,
                                                                            tmp_path, policy):
@@ -186,6 +187,7 @@ def test_a_byte_flipped_in_an_old_record_refuses_to_start_naming_file_and_offset
     assert "Traceback" not in damaged.log()
 
 
+@pytest.mark.embedded_only
 def test_a_torn_record_at_the_tail_is_truncated_and_logged(start_server, tmp_path):
     server = start_server()
     client = server.client()
@@ -272,6 +274,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.embedded_only
 def test_the_fdatasync_helper_runs_under_always_and_everysec_only(start_server, tmp_path):
     for policy, helpers in (("always", 1), ("everysec", 1), ("no", 0)):
         server = start_server("--fsync", policy, data_dir=tmp_path / policy)
@@ -279,6 +282,7 @@ def test_the_fdatasync_helper_runs_under_always_and_everysec_only(start_server, 
         assert server.stop() == 0
 
 
+@pytest.mark.embedded_only
 def test_the_helper_ends_with_the_server_on_sigterm_and_on_kill_9(start_server, tmp_path):
     server = start_server()
     client = server.client()
@@ -292,6 +296,7 @@ def test_the_helper_ends_with_the_server_on_sigterm_and_on_kill_9(start_server, 
     wait_for(lambda: not alive(helper), what="the helper to exit after kill -9")
 
 
+@pytest.mark.embedded_only
 def test_publishes_go_on_when_the_helper_is_killed(start_server):
     server = start_server()
     client = server.client()
