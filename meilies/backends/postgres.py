@@ -156,7 +156,6 @@ class PostgresBackend:
         end = self.engine.visible_position
         head = self._conn("writer").execute(
             "SELECT next_position FROM meilies_head").fetchone()[0]
-        self._conn("writer").rollback()
         if end == 0:
             return True
         if end > head:
@@ -302,65 +301,88 @@ class PostgresBackend:
                     raise BackendUnavailable(f"position {self.engine.visible_position} is"
                                              " missing from PostgreSQL's log", "stored")
                 self._apply(rows)
-            if plan.events and self.engine.visible_position == plan.first_position:
+            if not plan.events:
+                return
+            if self.engine.visible_position == plan.first_position:
                 end = plan.next_position
                 self._apply([Row(p, s, n, nm, d, i, m, plan.timestamp_ms, ws, end, f)
                              for p, s, n, nm, d, i, m, ws, f in plan.events])
+                return
+            # The tailer applied it first: it must be this group, or the replica holds
+            # a history PostgreSQL does not (a log restored from an older backup).
+            mine = stored_event(self.engine, plan.first_position)
+            _p, stream, number, _n, data, event_id, *_ = plan.events[0]
+            if (mine.stream, mine.number, mine.data, mine.id) != (stream, number, data,
+                                                                 event_id):
+                log.critical("the replica in %s holds events PostgreSQL's log does not"
+                             " (position %d); restart the server to rebuild it",
+                             self.engine.directory, plan.first_position)
+                raise BackendUnavailable("the replica diverged from PostgreSQL's log; the"
+                                         " write is committed", "stored")
 
     # -- the committer (thread side) ----------------------------------------------------
 
     def _commit_group(self, requests: list[list[Write]]
                       ) -> tuple[list[list[AppendResult] | BaseException], GroupPlan]:
-        """One PostgreSQL transaction for ``requests`` (in a pool thread)."""
+        """One PostgreSQL transaction for ``requests`` (in a pool thread), in two round
+        trips (pipeline mode): the head lock and the state the writes depend on; then
+        the inserts and the commit."""
         psycopg = self.psycopg
-        try:
-            conn = self._conn("writer")
-        except BackendUnavailable:
-            raise
+        conn = self._conn("writer")
+        streams = list({w.stream for writes in requests for w in writes})
+        ids = [i for writes in requests for w in writes for i in (w.ids or ()) if i]
         notices: list[str] = []
         handler = (lambda diag: notices.append(diag.message_primary or ""))
         conn.add_notice_handler(handler)
         committing = False
         try:
-            head = conn.execute("SELECT next_position FROM meilies_head FOR UPDATE"
-                                ).fetchone()[0]
-            streams = list({w.stream for writes in requests for w in writes})
-            numbers = dict(conn.execute(
-                "SELECT stream, next_number FROM meilies_streams WHERE stream = ANY(%s)",
-                (streams,)).fetchall())
-            ids = [i for writes in requests for w in writes for i in (w.ids or ()) if i]
+            with conn.pipeline():
+                conn.execute("BEGIN")
+                head_cursor = conn.execute("SELECT next_position FROM meilies_head"
+                                           " FOR UPDATE")
+                numbers_cursor = conn.execute(
+                    "SELECT stream, next_number FROM meilies_streams WHERE stream = ANY(%s)",
+                    (streams,))
+                ids_cursor = conn.cursor()
+                if ids:
+                    ids_cursor.execute(
+                        "SELECT event_id, stream, number, position, name, data, metadata"
+                        " FROM meilies_events WHERE event_id = ANY(%s)", (ids,))
+            head = head_cursor.fetchone()[0]
+            numbers = dict(numbers_cursor.fetchall())
             stored: dict[bytes, StoredEvent] = {}
             if ids:
-                for event_id, stream, number, position, name, data, meta in conn.execute(
-                        "SELECT event_id, stream, number, position, name, data, metadata"
-                        " FROM meilies_events WHERE event_id = ANY(%s)", (ids,)):
+                for event_id, stream, number, position, name, data, meta in ids_cursor:
                     stored[event_id] = StoredEvent(stream, number, position, name, data,
                                                    event_id, meta)
             plan = GroupPlan(head, numbers, stored, self.engine.max_event_size,
                              time.time_ns() // 1_000_000)
             outcomes = [plan.add(writes) for writes in requests]
-            if plan.events:
-                columns = [list(column) for column in zip(*plan.events)]
+            if not plan.events:  # refusals and retries only: nothing to commit
+                conn.execute("ROLLBACK")
+                return outcomes, plan
+            columns = [list(column) for column in zip(*plan.events)]
+            touched = {e[1]: e[2] + 1 for e in plan.events}
+            with conn.pipeline():
                 conn.execute(_INSERT, (plan.timestamp_ms, plan.next_position, *columns))
-                touched = {e[1]: e[2] + 1 for e in plan.events}
                 conn.execute(_UPSERT_STREAMS, (list(touched), list(touched.values())))
                 conn.execute("UPDATE meilies_head SET next_position = %s",
                              (plan.next_position,))
                 conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(plan.next_position)))
-            committing = True
-            conn.commit()
+                committing = True
+                conn.execute("COMMIT")
         except psycopg.Error as exc:
             if conn.closed or isinstance(exc, psycopg.OperationalError):
                 self._drop("writer")
                 if committing:
                     raise BackendUnavailable(f"PostgreSQL connection lost while committing:"
                                              f" {describe(exc)}", "unknown") from None
-            else:
+            else:  # refused by the server: the transaction is aborted, nothing stored
                 self._rollback_quietly(conn)
             raise BackendUnavailable(describe(exc)) from None
         finally:
             conn.remove_notice_handler(handler)
-        if any("synchronous replication" in notice for notice in notices) and plan.events:
+        if any("synchronous replication" in notice for notice in notices):
             cancelled = BackendUnavailable(
                 "the commit's wait for a synchronous standby was cancelled: it is committed"
                 " on the primary, but a failover may lose it", "not replicated")
@@ -453,10 +475,11 @@ class PostgresBackend:
         psycopg = self.psycopg
         options = {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT}
         try:
-            conn = psycopg.connect(self.dsn, autocommit=role != "writer", **options)
+            # Autocommit everywhere: the writer sends its own BEGIN and COMMIT, so that
+            # a commit travels in the same round trip as the inserts.
+            conn = psycopg.connect(self.dsn, autocommit=True, **options)
             if role == "writer" and self.commit_policy != "always":
                 conn.execute("SET synchronous_commit = off")
-                conn.commit()
         except psycopg.Error as exc:
             raise BackendUnavailable(f"cannot reach PostgreSQL: {describe(exc)}") from None
         self._conns[role] = conn
@@ -472,7 +495,7 @@ class PostgresBackend:
 
     def _rollback_quietly(self, conn) -> None:
         try:
-            conn.rollback()
+            conn.execute("ROLLBACK")
         except self.psycopg.Error as exc:
             log.debug("rollback failed (%s); making the connection again", exc)
             self._drop("writer")

@@ -24,7 +24,7 @@ from gevent.hub import get_hub
 
 from ..engine import ANY
 from ..engine.errors import EngineError, InvalidArgument, StorageError
-from ..engine.writes import Write
+from ..engine.writes import Write, check_write
 from . import commands, ranges, resp, subscription, transaction
 from .errors import NOAUTH, CommandError, engine_error_reply, unknown_command, wrong_arity
 from .transaction import Transaction
@@ -66,9 +66,9 @@ class Connection:
         #: as they come (so a pipeline's writes share commits) and their replies are
         #: filled in by ``_settle_writes``.
         self.deferred = server.writer is not server.engine
-        #: (index in ``_out``, the backend's AsyncResult, what makes the reply from
-        #: the results) per deferred write, in order.
-        self._deferred: list[tuple[int, object, object]] = []
+        #: (index in ``_out``, how many replies, the backend's AsyncResult, what makes
+        #: a reply from the results) per deferred request, in order.
+        self._deferred: list[tuple[int, int, object, object]] = []
         self.sock = sock
         self.address = address
         self.authenticated = server.config.requirepass is None
@@ -182,9 +182,16 @@ class Connection:
         """One append of the publishes ``requests``; if the engine refuses an argument,
         each is appended on its own, so that only the bad ones get the error."""
         out = self._out
-        if self.deferred:  # one request each: a bad one is refused alone
-            for request in requests:
-                out.append(self.defer([Write(stream, [_EVENT(request)])], _ok))
+        if self.deferred:
+            write = Write(stream, list(map(_EVENT, requests)))
+            try:
+                check_write(write, self.engine.max_event_size)
+            except InvalidArgument:  # one request each: a bad one is refused alone
+                for request in requests:
+                    out.append(self.defer([Write(stream, [_EVENT(request)])], _ok))
+                return
+            out.append(self.defer([write], _ok, len(requests)))
+            out.extend([b""] * (len(requests) - 1))
             return
         try:
             result = self.writer.append(stream, list(map(_EVENT, requests)), ANY,
@@ -299,16 +306,17 @@ class Connection:
         mark noted now is the one from before it.)"""
         self._writes.append((len(self._out), replies, position, self.engine.loss_mark))
 
-    def defer(self, writes: list[Write], render) -> bytes:
+    def defer(self, writes: list[Write], render, replies: int = 1) -> bytes:
         """Submit one request of ``writes`` (stored all or none) to a backend that
-        answers later; its reply, ``render(results)`` (or the error), is filled in by
-        ``_settle_writes``. Returns the placeholder the caller puts next in ``_out``."""
-        self._deferred.append((len(self._out), self.writer.submit(writes), render))
+        answers later; its ``replies`` replies, ``render(results)`` each (or the
+        error), are filled in by ``_settle_writes``. Returns the placeholder the caller
+        puts next in ``_out`` (and ``replies - 1`` more after it)."""
+        self._deferred.append((len(self._out), replies, self.writer.submit(writes), render))
         return b""
 
     def _settle_deferred(self) -> None:
         out = self._out
-        for at, pending, render in self._deferred:
+        for at, replies, pending, render in self._deferred:
             try:
                 reply = render(pending.get())
             except EngineError as exc:
@@ -319,7 +327,10 @@ class Connection:
             except Exception as exc:  # a bug: answer as _execute does, and keep serving
                 log.error("internal error storing a write: %r", exc)
                 reply = INTERNAL_ERROR
-            out[at] = reply
+            if replies == 1:
+                out[at] = reply
+            else:
+                out[at:at + replies] = [reply] * replies
         self._deferred.clear()
 
     def _settle_writes(self) -> None:
