@@ -22,8 +22,9 @@ Tables (all names start with ``meilies_``, so the database can hold others):
     every write again as the record the embedded engine would have made, and every
     transaction whole.
 
-Writers ``NOTIFY meilies_appended`` (payload: the new head position) in the same
-transaction, delivered on commit: the other servers' replicas wake on it.
+Writers ``NOTIFY meilies_appended`` (payload: the new head position, a space, and the
+notifying server's random token) in the same transaction, delivered on commit: the
+other servers' replicas wake on it.
 """
 
 from __future__ import annotations

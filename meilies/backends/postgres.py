@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 
@@ -120,6 +121,9 @@ class PostgresBackend:
         self._closed = False
         self._greenlets: list[gevent.Greenlet] = []
         self._unavailable_since: float | None = None
+        #: Signs this server's notifications: its tailer leaves its own commits to
+        #: the committer, which applies them without reading them back.
+        self._token = uuid.uuid4().hex
 
     # -- opening ------------------------------------------------------------------------
 
@@ -368,7 +372,8 @@ class PostgresBackend:
                 conn.execute(_UPSERT_STREAMS, (list(touched), list(touched.values())))
                 conn.execute("UPDATE meilies_head SET next_position = %s",
                              (plan.next_position,))
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(plan.next_position)))
+                conn.execute("SELECT pg_notify(%s, %s)",
+                             (CHANNEL, f"{plan.next_position} {self._token}"))
                 committing = True
                 conn.execute("COMMIT")
         except psycopg.Error as exc:
@@ -413,15 +418,22 @@ class PostgresBackend:
                 gevent.sleep(RETRY_SECONDS)
 
     def _wait_notification(self) -> None:
-        """Return on a notification of new rows, or after POLL_SECONDS (pool thread)."""
+        """Return on another server's notification of new rows, or after POLL_SECONDS
+        (pool thread)."""
         psycopg = self.psycopg
+        deadline = time.monotonic() + POLL_SECONDS
         try:
             conn = self._conns.get("listener")
             if conn is None:
                 conn = self._conn("listener")
                 conn.execute(f"LISTEN {CHANNEL}")
-            for _notify in conn.notifies(timeout=POLL_SECONDS, stop_after=1):
-                pass
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                for notify in conn.notifies(timeout=left, stop_after=1):
+                    if not notify.payload.endswith(self._token):
+                        return
         except psycopg.Error as exc:
             self._drop("listener")
             raise BackendUnavailable(describe(exc)) from None

@@ -223,3 +223,68 @@ def test_two_servers_one_database(tmp_path, pg):
             watcher.close()
         a.kill()
         b.kill()
+
+
+def test_a_lost_replica_is_rebuilt_with_the_same_positions_and_stamps(tmp_path, pg):
+    dsn = pg.create_database("rebuild")
+    server = start(tmp_path, dsn)
+    client = Client(port=server.port)
+    client.publish_many("a", [("e", str(i)) for i in range(300)])
+    with client.transaction() as tx:
+        tx.append("b", [("e", "x")], ids=["tx-1"])
+        tx.append("a", [("e", "y")], metadata="m")
+    before = client.range("$all", "-", "+", count=1000)
+    client.close()
+    assert server.stop() == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "data")  # derived data: PostgreSQL has the log
+    server = start(tmp_path, dsn)
+    client = Client(port=server.port)
+    try:
+        assert client.range("$all", "-", "+", count=1000) == before
+        assert "replica caught up: applied 302 events" in server.log()
+        with pytest.raises(ResponseError, match="DUPLICATEID"):
+            client.append("c", [("e", "z")], ids=["tx-1"])
+    finally:
+        client.close()
+        server.kill()
+
+
+def test_a_replica_of_another_log_is_moved_aside_and_rebuilt(tmp_path, pg):
+    first, second = pg.create_database("first"), pg.create_database("second")
+    server = start(tmp_path, first)
+    client = Client(port=server.port)
+    client.publish("s", "e", "from-first")
+    client.close()
+    assert server.stop() == 0
+    other = start(tmp_path, second, "other")
+    client = Client(port=other.port)
+    client.publish("s", "e", "from-second")
+    client.close()
+    assert other.stop() == 0
+    server = start(tmp_path, second)  # the directory holds the first database's replica
+    client = Client(port=server.port)
+    try:
+        assert [e.data for e in client.range("s")] == [b"from-second"]
+        assert "does not match PostgreSQL's log" in server.log()
+        aside = [p for p in tmp_path.iterdir() if p.name.startswith("data.diverged-")]
+        assert len(aside) == 1  # kept, not deleted
+    finally:
+        client.close()
+        server.kill()
+
+
+def test_a_database_of_a_newer_schema_is_refused(tmp_path, pg):
+    import psycopg
+
+    dsn = pg.create_database("newer")
+    start(tmp_path, dsn).stop()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE meilies_schema SET version = 99")
+    proc = subprocess.run(
+        [sys.executable, "-m", "meilies.cli.server", "--data-dir", str(tmp_path / "data"),
+         "--port", str(free_port()), "--backend", "postgres"], capture_output=True, text=True,
+        timeout=DEADLINE, env={"PATH": "/usr/bin:/bin", "MEILIES_POSTGRES_DSN": dsn})
+    assert proc.returncode == 1
+    assert "schema is version 99" in proc.stderr and "upgrade meilies" in proc.stderr
