@@ -16,6 +16,10 @@ measuring loops are bench_server.py's, whose client ceilings README states):
 - catch-up: a subscriber replaying N events that were published pipelined
   (``s:0:N``; Redis: XRANGE pages), events/s;
 - fan-out: one publisher at depth 64, 100 live subscribers, delivered events/s;
+- design (a)'s floor: the same N events read straight from PostgreSQL
+  (``SELECT ... ORDER BY position``, pages of 5,000, binary, no RESP built), the
+  most a server reading everything from PostgreSQL could send, against the replica's
+  catch-up above;
 - failover (postgres only, once per run): one client publishing at depth 1 through a
   DSN naming all three nodes (``target_session_attrs=read-write``); the primary is
   killed with SIGKILL and the standby with the most WAL promoted *by hand* at once
@@ -68,6 +72,24 @@ def dsn_of(nodes: list[PostgresProcess]) -> str:
             + ",".join(str(n.port) for n in nodes)
             + " user=postgres dbname=meilies target_session_attrs=read-write"
             " connect_timeout=2")
+
+
+def read_from_postgres(dsn: str, count: int) -> float:
+    """Events/s reading the log's last ``count`` events from PostgreSQL in pages."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        head = conn.execute("SELECT next_position FROM meilies_head").fetchone()[0]
+        position = head - count
+        t = time.perf_counter()
+        cursor = conn.cursor(binary=True)
+        while position < head:
+            rows = cursor.execute(
+                "SELECT position, stream, number, name, data, event_id, metadata,"
+                " timestamp_ms FROM meilies_events WHERE position >= %s"
+                " ORDER BY position LIMIT 5000", (position,)).fetchall()
+            position = rows[-1][0] + 1
+        return count / (time.perf_counter() - t)
 
 
 def failover_seconds(workdir: Path, tag: str) -> float:
@@ -147,6 +169,11 @@ def main() -> int:
                 results.setdefault(("catch-up", kind), []).append(r["events_per_s"])
                 log(f"run {run + 1} {kind}: catch-up of {replay_count:,} events:"
                     f" {r['events_per_s']:,.0f} events/s")
+                if kind == "postgres":
+                    rate = read_from_postgres(nodes[0].dsn("meilies"), replay_count)
+                    results.setdefault(("read from PostgreSQL", kind), []).append(rate)
+                    log(f"run {run + 1}: design (a) floor, {replay_count:,} events read"
+                        f" from PostgreSQL: {rate:,.0f} events/s")
                 r = run_fanout(wire, server, b"f-%d" % run, cfg, cfg.fanout_events, None)
                 results.setdefault(("fan-out", kind), []).append(r["delivered_per_s"])
                 log(f"run {run + 1} {kind}: fan-out: {r['delivered_per_s']:,.0f}"
@@ -171,6 +198,9 @@ def main() -> int:
     for figure in ("publish depth 1", "publish depth 64", "catch-up", "fan-out"):
         e, p, r = (median(results[(figure, k)]) for k in KINDS)
         print(f"| {figure} | {e:,.0f} | {p:,.0f} | {r:,.0f} | {p / e:.2f} | {p / r:.2f} |")
+    read = median(results[("read from PostgreSQL", "postgres")])
+    print(f"| design (a)'s floor: the catch-up's events read from PostgreSQL, no RESP | |"
+          f" {read:,.0f} | | | |")
     print(f"| failover: kill -9 of the primary to the first acknowledged publish (promotion"
           f" by hand) | | {median(failovers):.2f} s | | | |")
     return 0
