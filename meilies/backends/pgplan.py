@@ -5,20 +5,19 @@ all or none: a publish, an append, an append-full, a transaction) in one Postgre
 transaction: group commit. Under the log's head-row lock it reads the state those
 writes depend on (the streams' next numbers and any stored event carrying one of
 their ids) and :class:`GroupPlan` then checks each request in turn, as if the ones
-before it were stored: exactly the checks and order of the embedded engine
-(engine/writes.py, which this module reuses), so both backends answer alike. A request
-that fails gets its error and leaves no trace; the others are stored.
+before it were stored, with the embedded engine's own ``check_writes``
+(engine/writes.py): both backends check the same things in the same order and answer
+alike. A request that fails gets its error and leaves no trace; the others are stored.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..engine.appends import ANY, AppendResult, check_expected
-from ..engine.errors import DuplicateIdInRequest, EngineError
-from ..engine.names import check_new_stream_name
+from ..engine.appends import ANY, AppendResult
+from ..engine.errors import EngineError
 from ..engine.reads import StoredEvent
-from ..engine.writes import Write, check_transaction_size, check_write, replay_reply
+from ..engine.writes import Write, check_writes
 
 
 class Row(NamedTuple):
@@ -69,52 +68,33 @@ class GroupPlan:
             return exc
 
     def _add(self, writes: list[Write]) -> list[AppendResult]:
-        if len(writes) > 1:
-            check_transaction_size(writes)
-        seen: set[bytes] = set()
+        checked = check_writes(writes, self.max_event_size, self.numbers.get,
+                               self.stored.get)
         numbers: dict[bytes, int] = {}
         ids: dict[bytes, StoredEvent] = {}
         events: list[tuple] = []
         results: list[AppendResult] = []
         position = self.next_position
-        for write in writes:
-            check_write(write, self.max_event_size)
-            stream = write.stream
-            if stream in numbers:
-                current = numbers[stream]
-            else:
-                current = self.numbers.get(stream, 0)
-                if current == 0:
-                    check_new_stream_name(stream)
-            count = len(write.events)
-            write_ids = write.ids or [None] * count
-            found: list[StoredEvent | None] = [None] * count
-            hits = False
-            for k, event_id in enumerate(write_ids):
-                if event_id is not None:
-                    if event_id in seen:
-                        raise DuplicateIdInRequest(event_id)
-                    seen.add(event_id)
-                    hit = found[k] = self.stored.get(event_id)
-                    if hit is not None:
-                        hits = True
-            if hits:
-                results.append(replay_reply(write, found))
+        for write, (replay, first) in zip(writes, checked):
+            if replay is not None:
+                results.append(replay)
                 continue
-            if write.expected != ANY:
-                check_expected(stream, current, write.expected)
-            numbers[stream] = current + count
+            count = len(write.events)
+            stream = write.stream
+            write_ids = write.ids or [None] * count
             metadata = write.metadata or [None] * count
             full = write.ids is not None or write.metadata is not None
             for i, ((name, data), event_id, meta) in enumerate(zip(write.events, write_ids,
                                                                    metadata)):
-                events.append((position + i, stream, current + i, name, data, event_id, meta,
+                events.append((position + i, stream, first + i, name, data, event_id, meta,
                                position, full))
                 if event_id is not None:
-                    ids[event_id] = StoredEvent(stream, current + i, position + i, name, data,
+                    ids[event_id] = StoredEvent(stream, first + i, position + i, name, data,
                                                 event_id, meta)
-            results.append(AppendResult(current, current + count - 1, position + count))
+            numbers[stream] = first + count
+            results.append(AppendResult(first, first + count - 1, position + count))
             position += count
+        # Only now, the request being accepted whole: the next ones see its effects.
         self.numbers.update(numbers)
         self.stored.update(ids)
         self.events.extend(events)

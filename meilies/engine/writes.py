@@ -27,11 +27,12 @@ log holds at that position.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from . import format as fmt
 from . import reads
-from .appends import ANY, MAX_BATCH_BYTES, AppendResult
+from .appends import ANY, MAX_BATCH_BYTES, AppendResult, check_expected
 from .errors import DuplicateEventId, DuplicateIdInRequest, InvalidArgument
 from .names import check_event_id, check_event_name, check_new_stream_name
 from .reads import StoredEvent
@@ -118,47 +119,26 @@ class WritePath:
     # -- checking -----------------------------------------------------------------------
 
     def _plan(self, writes: list[Write]) -> list[_Planned]:
-        if len(writes) > 1:
-            check_transaction_size(writes)
-        seen: set[bytes] = set()
-        numbers: dict[bytes, int] = {}
         plans = []
-        for write in writes:
-            check_write(write, self.max_event_size)
-            stream = write.stream
-            sid = self.streams.ids.get(stream)
-            if sid is None:
-                check_new_stream_name(stream)
-            count = len(write.events)
-            ids = write.ids or [None] * count
-            found: list[StoredEvent | None] = [None] * count
-            hits = False
-            for k, event_id in enumerate(ids):
-                if event_id is not None:
-                    if event_id in seen:
-                        raise DuplicateIdInRequest(event_id)
-                    seen.add(event_id)
-                    hit = found[k] = self.find_event_id(event_id)
-                    if hit is not None:
-                        hits = True
-            if hits:
-                plans.append(_Planned(write, replay_reply(write, found), -1, None))
+        checked = check_writes(writes, self.max_event_size, self._next_number_or_none,
+                               self.find_event_id)
+        for write, (replay, first_number) in zip(writes, checked):
+            if replay is not None:
+                plans.append(_Planned(write, replay, -1, None))
                 continue
-            if stream in numbers:
-                current = numbers[stream]
-            else:
-                current = 0 if sid is None else self.streams.next_number[sid]
-            if write.expected != ANY:
-                self._check_expected(stream, current, write.expected)
-            numbers[stream] = current + count
             extras = None
             if write.ids is not None or write.metadata is not None:
-                metadata = write.metadata or [None] * count
-                extras = list(map(fmt.encode_extras, ids, metadata))
+                count = len(write.events)
+                extras = list(map(fmt.encode_extras, write.ids or [None] * count,
+                                  write.metadata or [None] * count))
                 if count == 1 and extras[0] == fmt.NO_EXTRAS:
                     extras = None  # an append-full without id or metadata: a plain record
-            plans.append(_Planned(write, None, current, extras))
+            plans.append(_Planned(write, None, first_number, extras))
         return plans
+
+    def _next_number_or_none(self, stream: bytes) -> int | None:
+        sid = self.streams.ids.get(stream)
+        return None if sid is None else self.streams.next_number[sid]
 
     def find_event_id(self, event_id: bytes) -> StoredEvent | None:
         """The stored event carrying ``event_id`` (appended, visible or not), or None."""
@@ -285,6 +265,54 @@ class WritePath:
         while order and order[-1][0] >= position:
             _position, event_id = order.pop()
             del self._unpublished_ids[event_id]
+
+
+def check_writes(writes: list[Write], max_event_size: int,
+                 next_number: Callable[[bytes], int | None],
+                 find_event_id: Callable[[bytes], StoredEvent | None]
+                 ) -> list[tuple[AppendResult | None, int]]:
+    """Check ``writes`` (stored all or none) in order, each as if the ones before it
+    were applied; per write, (the first reply of an exact retry, or None; its first
+    number). Raises the error that refuses them all.
+
+    ``next_number(stream)`` is the number a stream's next event gets (None: no event
+    yet) and ``find_event_id(id)`` the stored event carrying an id: the embedded engine
+    answers both from its tables, the postgres backend from the rows it read under its
+    head lock (backends/pgplan.py), so that both check the same things in the same
+    order (the module docstring).
+    """
+    if len(writes) > 1:
+        check_transaction_size(writes)
+    seen: set[bytes] = set()
+    numbers: dict[bytes, int] = {}
+    checked: list[tuple[AppendResult | None, int]] = []
+    for write in writes:
+        check_write(write, max_event_size)
+        stream = write.stream
+        stored_next = next_number(stream)
+        if stored_next is None:
+            check_new_stream_name(stream)
+        count = len(write.events)
+        ids = write.ids or [None] * count
+        found: list[StoredEvent | None] = [None] * count
+        hits = False
+        for k, event_id in enumerate(ids):
+            if event_id is not None:
+                if event_id in seen:
+                    raise DuplicateIdInRequest(event_id)
+                seen.add(event_id)
+                hit = found[k] = find_event_id(event_id)
+                if hit is not None:
+                    hits = True
+        if hits:
+            checked.append((replay_reply(write, found), -1))
+            continue
+        current = numbers.get(stream, stored_next or 0)
+        if write.expected != ANY:
+            check_expected(stream, current, write.expected)
+        numbers[stream] = current + count
+        checked.append((None, current))
+    return checked
 
 
 def check_transaction_size(writes: list[Write]) -> None:
