@@ -58,8 +58,13 @@ FETCH_ROWS = 5000
 POLL_SECONDS = 1.0
 #: Between two attempts to reach an unreachable PostgreSQL (pacing, not correctness).
 RETRY_SECONDS = 1.0
-#: Options every connection is made with (the DSN's own settings win).
-CONNECT_TIMEOUT = 10
+#: Connection settings used unless the DSN sets them: give up connecting after 10 s,
+#: and notice a peer gone silent (a partition, a host powered off: no RST ever comes)
+#: within ~20 s through TCP keepalives and tcp_user_timeout, rather than the kernel's
+#: 15 minutes, so that writes get an answer and the server reconnects.
+CONNECTION_DEFAULTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+                       "keepalives_interval": 3, "keepalives_count": 3,
+                       "tcp_user_timeout": 20_000}
 
 _COLUMNS = ("position, stream, number, name, data, event_id, metadata, timestamp_ms,"
             " write_start, group_end, full_write")
@@ -485,7 +490,8 @@ class PostgresBackend:
         if conn is not None and not conn.closed:
             return conn
         psycopg = self.psycopg
-        options = {} if "connect_timeout" in self.dsn else {"connect_timeout": CONNECT_TIMEOUT}
+        options = {key: value for key, value in CONNECTION_DEFAULTS.items()
+                   if key not in self.dsn}
         try:
             # Autocommit everywhere: the writer sends its own BEGIN and COMMIT, so that
             # a commit travels in the same round trip as the inserts.
