@@ -391,6 +391,13 @@ class Subscription(Iterator[Event]):
             if self._closed:
                 return
             self._recover(exc)
+        except OSError:
+            # close() from another thread may close the socket under this read (EBADF):
+            # that ends the iteration, as close() promises, and is no error.
+            if self._closed:
+                return
+            self.close()
+            raise
         except BaseException:
             self.close()
             raise

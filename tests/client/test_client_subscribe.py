@@ -230,3 +230,16 @@ def test_close_from_another_thread_ends_the_iteration(client, collect):
     threading.Timer(0, events.subscription.close).start()
     assert events.finished.wait(TIMEOUT)
     assert events.error is None and events.events == []
+
+
+def test_close_racing_the_reader_never_raises(client, collect):
+    """close() from another thread at any moment of the reader's loop (here: while
+    events stream in) ends the iteration without an error, even when it closes the
+    socket between two of the reader's calls on it (EBADF, seen under load)."""
+    client.publish_many("busy", [("e", "x" * 100) for _ in range(2000)])
+    for attempt in range(100):
+        events = collect(client.subscribe("busy:0"))
+        wait_for(lambda: len(events.events) > attempt * 10 % 1500, what="events flowing")
+        events.subscription.close()
+        assert events.finished.wait(TIMEOUT)
+        assert events.error is None, f"attempt {attempt}: {events.error!r}"
