@@ -124,8 +124,10 @@ class Conn:
 
 
 class Server:
-    def __init__(self, data_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, port: int, log_path: Path,
+                 extra: list[str] | None = None) -> None:
         self.data_dir, self.port, self.log_path = data_dir, port, log_path
+        self.extra = extra or []
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> None:
@@ -133,7 +135,7 @@ class Server:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "meilies.cli.server", "--data-dir", str(self.data_dir),
-                 "--host", HOST, "--port", str(self.port), "--fsync", "always"],
+                 "--host", HOST, "--port", str(self.port), "--fsync", "always", *self.extra],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         if wait:
             self.wait_ready()
@@ -1041,7 +1043,9 @@ class Torture:
         self.args = args
         self.rng = random.Random(args.seed)
         self.data_dir = data_dir
-        self.server = Server(data_dir, args.port, work_dir / "server.log")
+        extra = ["--backend", "postgres", "--postgres-dsn", args.postgres_dsn] \
+            if args.postgres_dsn else []
+        self.server = Server(data_dir, args.port, work_dir / "server.log", extra)
         self.log_offset = 0
         self.totals = Totals()
         self.streams: dict[bytes, Stream] = {}
@@ -1651,6 +1655,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="writers of append-full requests and MULTI/EXEC transactions"
                              " over shared streams, whose lost replies are retried after"
                              " each restart (0: none; default 2)")
+    parser.add_argument("--postgres-dsn", default=None, metavar="DSN",
+                        help="run the server with --backend postgres on this (empty)"
+                             " database: the kills then hit a server whose data directory"
+                             " is a replica of PostgreSQL's log")
     parser.add_argument("--max-seconds", type=float, default=4 * 3600,
                         help="stop starting rounds after this long")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
