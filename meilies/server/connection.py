@@ -36,11 +36,6 @@ log = logging.getLogger("meilies.server")
 
 RECV_SIZE = 256 * 1024
 INTERNAL_ERROR = resp.error("ERR internal error")
-_OK = resp.OK
-
-
-def _ok(results) -> bytes:
-    return _OK
 #: The global position a settled write ends at, in ``Connection._writes`` entries.
 _END_POSITION = itemgetter(2)
 #: Subscriptions started between two turns of the event loop (see subscribe).
@@ -54,6 +49,11 @@ GROUP_BYTES = 4 * 1024 * 1024
 # per connection would cost 256 KiB of RSS per idle client.
 _RECV_BUFFER = bytearray(RECV_SIZE)
 _RECV_VIEW = memoryview(_RECV_BUFFER)
+
+
+def _ok(results: list) -> bytes:
+    """The reply to a deferred publish (backends/), whatever numbers it got."""
+    return resp.OK
 
 
 class Connection:
