@@ -522,6 +522,11 @@ class PostgresBackend:
         for role in list(self._conns):
             self._drop(role)
 
+    @property
+    def available(self) -> bool:
+        """False from a failure to reach PostgreSQL until the next success (INFO)."""
+        return self._unavailable_since is None
+
     def _note_unavailable(self, exc: BackendUnavailable) -> None:
         if self._unavailable_since is None:
             self._unavailable_since = time.monotonic()

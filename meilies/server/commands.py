@@ -307,6 +307,12 @@ def command(conn: Connection, args: list[bytes]) -> bytes:
     return resp.EMPTY_ARRAY
 
 
+def _backend_fields(server) -> list[tuple[str, object]]:
+    """INFO's lines about a backend other than the engine: whether it answers."""
+    available = getattr(server.writer, "available", None)
+    return [] if available is None else [("backend_available", int(available))]
+
+
 def info(conn: Connection, args: list[bytes]) -> bytes:
     server = conn.server
     stats = conn.engine.stats()
@@ -327,6 +333,7 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
         ("disk_bytes", stats["disk_bytes"]),
         ("fsync", server.config.fsync),
         ("backend", server.config.backend),
+        *_backend_fields(server),
         ("max_event_size", server.config.max_event_size),
     ]
     body = "# Server\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields)

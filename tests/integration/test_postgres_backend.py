@@ -92,6 +92,7 @@ def test_outage_during_service(tmp_path, pg):
         pg.stop()
         with pytest.raises(ResponseError, match="backend unavailable"):
             client.publish("s", "e", "during")
+        assert b"backend_available:0" in client.execute_command("info")
         # Reads are served from the replica meanwhile.
         assert [e.data for e in client.range("s")] == [b"before-0", b"before-1", b"before-2"]
         pg.start()
@@ -104,6 +105,7 @@ def test_outage_during_service(tmp_path, pg):
                 assert "backend unavailable" in str(exc)
                 return False
         wait_for(published, what="a publish once PostgreSQL is back")
+        assert b"backend_available:1" in client.execute_command("info")
         events = subscriber.wait_count(4)
         assert [(e.number, e.data) for e in events] == \
             [(0, b"before-0"), (1, b"before-1"), (2, b"before-2"), (3, b"after")]
