@@ -277,9 +277,9 @@ class PostgresBackend:
                 log.exception("could not apply committed writes to the replica")
                 failure = BackendUnavailable(f"committed, but the replica could not apply"
                                              f" it: {describe(exc)}", "stored")
-                for request in group:
-                    request.result.set_exception(failure)
-                continue
+                # The refused requests stay refused; the stored ones hear the failure.
+                outcomes = [o if isinstance(o, BaseException) else failure
+                            for o in outcomes]
             for request, outcome in zip(group, outcomes):
                 if isinstance(outcome, BaseException):
                     request.result.set_exception(outcome)
