@@ -22,6 +22,7 @@ import pytest
 from meilies.client import Client, ResponseError, WrongExpectedVersion
 from pgproc import PostgresProcess
 from serverproc import DEADLINE, ServerProcess, free_port, wait_for
+from test_disk_full import disks, fill, free  # noqa: F401 (disks: a fixture)
 
 
 @pytest.fixture
@@ -290,3 +291,28 @@ def test_a_database_of_a_newer_schema_is_refused(tmp_path, pg):
         timeout=DEADLINE, env={"PATH": "/usr/bin:/bin", "MEILIES_POSTGRES_DSN": dsn})
     assert proc.returncode == 1
     assert "schema is version 99" in proc.stderr and "upgrade meilies" in proc.stderr
+
+
+def test_a_replica_whose_disk_is_full_catches_up_once_space_returns(tmp_path, pg, disks):
+    """PostgreSQL commits a write, the replica's disk refuses it: the writer hears
+    that it is committed but not applied (a retry with its ids would get its first
+    reply), reads keep serving what the replica has, and once space returns the replica
+    applies it without a restart."""
+    point = disks.tmpfs("replica", "4m")
+    server = disks.server(point / "data", "--backend", "postgres", "--postgres-dsn",
+                          pg.create_database("diskfull"))
+    client = Client(port=server.port)
+    try:
+        client.publish("s", "e", "before")
+        filler = fill(point)
+        with pytest.raises(ResponseError, match="committed, but the replica could not"
+                                                " apply it.*outcome: stored"):
+            client.publish("s", "e", "x" * 200_000)
+        assert [e.data for e in client.range("s")] == [b"before"]
+        free(filler, 2 << 20)
+        wait_for(lambda: len(client.range("s")) == 2, what="the replica to catch up")
+        client.publish("s", "e", "after")
+        assert [e.data for e in client.range("s")] == [b"before", b"x" * 200_000, b"after"]
+        assert server.proc.poll() is None
+    finally:
+        client.close()
