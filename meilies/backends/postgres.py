@@ -178,25 +178,39 @@ class PostgresBackend:
             (mine.stream, mine.number, mine.name, mine.data, mine.id, mine.metadata)
 
     def _catch_up_at_start(self) -> None:
-        """Apply every committed row the replica lacks, showing progress (the hub does
-        not run yet: plain blocking calls)."""
+        """Apply every committed row the replica lacks (the hub does not run yet: plain
+        blocking calls), showing progress against PostgreSQL's head."""
         head = self._conn("reader").execute(
             "SELECT next_position FROM meilies_head").fetchone()[0]
         start = self.engine.visible_position
+        self._catch_up(self._fetch, total=head)
+        if self.engine.visible_position > start:
+            log.info("replica caught up: applied %d events, at position %d",
+                     self.engine.visible_position - start, self.engine.visible_position)
+
+    def _catch_up(self, fetch, upto: int | None = None, total: int | None = None) -> None:
+        """Apply committed rows from the replica's end, each batch from
+        ``fetch(position)`` (:meth:`_fetch` itself at start, through the pool once
+        serving), until PostgreSQL has no more or, given ``upto``, the replica reaches
+        it (rows missing below it are an error). Logs progress every 2 s."""
         shown = time.monotonic()
-        while True:
-            rows = self._fetch(self.engine.visible_position)
+        while upto is None or self.engine.visible_position < upto:
+            rows = fetch(self.engine.visible_position)
             if not rows:
-                break
+                if upto is not None:
+                    raise BackendUnavailable(f"position {self.engine.visible_position} is"
+                                             " missing from PostgreSQL's log", "stored")
+                return
             self._apply(rows)
             if time.monotonic() - shown > 2.0:
                 shown = time.monotonic()
                 done = self.engine.visible_position
-                log.info("replica catching up: %d of %d events (%.0f%%)", done, head,
-                         100.0 * done / max(head, 1))
-        if self.engine.visible_position > start:
-            log.info("replica caught up: applied %d events, at position %d",
-                     self.engine.visible_position - start, self.engine.visible_position)
+                log.info("replica catching up: at position %d%s", done,
+                         "" if total is None else
+                         f" of {total} ({100.0 * done / max(total, 1):.0f}%)")
+
+    def _fetch_in_pool(self, position: int) -> list[Row]:
+        return self._pool.apply(self._fetch, (position,))
 
     def start(self) -> None:
         """Start the committer and the tailer (on the running gevent hub)."""
@@ -223,15 +237,12 @@ class PostgresBackend:
     def append(self, stream: bytes, events: list[tuple[bytes, bytes]],
                expected: str | int = ANY, *, flush: bool = True) -> AppendResult:
         """An ``append``/``publish``: see :class:`~meilies.backends.WriteBackend`."""
-        return self._submit([Write(stream, events, expected)])[0]
+        return self.submit([Write(stream, events, expected)]).get()[0]
 
     def write(self, writes: list[Write], *, flush: bool = True) -> list[AppendResult]:
         """An ``append-full`` or a transaction: see :class:`~meilies.backends.WriteBackend`."""
         if not writes:
             return []
-        return self._submit(writes)
-
-    def _submit(self, writes: list[Write]) -> list[AppendResult]:
         return self.submit(writes).get()
 
     def submit(self, writes: list[Write]) -> AsyncResult:
@@ -304,12 +315,7 @@ class PostgresBackend:
         a retry's reply points to), then its own rows, unless the tailer got there
         first."""
         with self._apply_lock:
-            while self.engine.visible_position < plan.first_position:
-                rows = self._pool.apply(self._fetch, (self.engine.visible_position,))
-                if not rows:
-                    raise BackendUnavailable(f"position {self.engine.visible_position} is"
-                                             " missing from PostgreSQL's log", "stored")
-                self._apply(rows)
+            self._catch_up(self._fetch_in_pool, plan.first_position)
             if not plan.events:
                 return
             if self.engine.visible_position == plan.first_position:
@@ -409,11 +415,7 @@ class PostgresBackend:
                 if self._closed:
                     return
                 with self._apply_lock:
-                    while True:
-                        rows = self._pool.apply(self._fetch, (self.engine.visible_position,))
-                        if not rows:
-                            break
-                        self._apply(rows)
+                    self._catch_up(self._fetch_in_pool)
                 self._note_available()
             except BackendUnavailable as exc:
                 self._note_unavailable(exc)

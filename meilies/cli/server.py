@@ -67,9 +67,8 @@ def main(data_dir: str, host: str, port: int, fsync: str, max_event_size: int,
     """Serve the MeiliES event store in DATA_DIR over the Redis protocol (RESP)."""
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if backend == "postgres":
-        if not postgres_dsn:
-            _fail("--backend postgres needs --postgres-dsn (or MEILIES_POSTGRES_DSN)")
+    if backend == "postgres" and not postgres_dsn:
+        _fail("--backend postgres needs --postgres-dsn (or MEILIES_POSTGRES_DSN)")
     config = Config(host=host, port=port, fsync=fsync, max_event_size=max_event_size,
                     requirepass=requirepass, maxclients=maxclients, backend=backend)
     limit = raise_open_file_limit(maxclients + 1024)

@@ -165,7 +165,7 @@ class AppendPath:
             current = streams.next_number[sid]
             record_sid = sid
         if expected != ANY:
-            self._check_expected(stream, current, expected)
+            check_expected(stream, current, expected)
         return sid, current, record_sid
 
     @staticmethod
@@ -200,9 +200,6 @@ class AppendPath:
         self._written_pending = len(self._pending)
         if self.fsync != "always":
             self._publish()
-
-    def _check_expected(self, stream: bytes, current: int, expected: str | int) -> None:
-        check_expected(stream, current, expected)
 
     def _segment_for(self, record_size: int) -> Segment:
         active = self.segments[-1]
