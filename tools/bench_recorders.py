@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import io
-import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,13 +30,14 @@ import unittest
 from pathlib import Path
 from uuid import uuid4
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # serverproc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # serverproc, pgproc
 
 from eventsourcing.persistence import InfrastructureFactory, StoredEvent  # noqa: E402
 from eventsourcing.tests import persistence as cases  # noqa: E402
 from eventsourcing.utils import Environment  # noqa: E402
 
-from serverproc import ServerProcess, free_port  # noqa: E402
+from pgproc import PostgresProcess, postgres_bindir  # noqa: E402
+from serverproc import ServerProcess  # noqa: E402
 
 #: Events in the aggregate the select row reads.
 SELECT_EVENTS = 10
@@ -143,38 +141,27 @@ ROWS = [
 @contextlib.contextmanager
 def postgres_cluster(port: int | None):
     """A PostgreSQL server on loopback with user/password/database ``eventsourcing``:
-    the one at ``port``, or a throwaway cluster."""
+    the one at ``port``, or a throwaway one (the tests' pgproc.py, with fsync on)."""
     if port is not None:
         yield port
         return
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
+    if postgres_bindir() is None:
         raise SystemExit("no PostgreSQL binaries: apt-get install postgresql"
                          " (or give --postgres-port)")
-    bindir = Path(bins[-1]).parent
-    data = Path(tempfile.mkdtemp(prefix="bench-pg-"))
-    port = free_port()
-
-    def run(*cmd: str) -> None:
-        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-            shutil.chown(data, "postgres")
-            cmd = ("su", "postgres", "-c", " ".join(cmd))
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-
-    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(data / "log"), "-w", "-o",
-        f"'-p {port} -k /tmp -c listen_addresses=127.0.0.1'", "start")
+    directory = Path(tempfile.mkdtemp(prefix="bench-pg-"))
+    pg = PostgresProcess(directory).init()
+    pg.configure(fsync="on", full_page_writes="on")  # as a deployment runs it
+    pg.start()
     try:
         import psycopg
 
-        with psycopg.connect(host="127.0.0.1", port=port, user="postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(pg.dsn("postgres"), autocommit=True) as conn:
             conn.execute("CREATE USER eventsourcing WITH PASSWORD 'eventsourcing'")
             conn.execute("CREATE DATABASE eventsourcing OWNER eventsourcing")
-        yield port
+        yield pg.port
     finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-w", "-m", "fast", "stop")
-        shutil.rmtree(data, ignore_errors=True)
+        pg.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def main() -> None:
