@@ -196,6 +196,34 @@ def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
     ascending or descending), as pieces to join (one: every frame formatted in one call)."""
     if not offsets:
         return []
+    return [_assemble(segment, offsets, lengths, deltas, descending)[0]]
+
+
+def full_frames_and_lengths(segment: Segment, offsets: list[int], lengths: list[int],
+                            deltas: list[int]) -> tuple[bytes, list[int]]:
+    """The full frames of events of ``segment`` (ascending), and each one's length:
+    what the frame cache (framecache.py) keeps."""
+    if not offsets:
+        return b"", []
+    frames, positions, stamps, extras = _assemble(segment, offsets, lengths, deltas, False)
+    # A full frame is its stored frame (whose ``*5`` becomes ``*9``), ``:<position>\r\n``,
+    # ``:<timestamp>\r\n`` and the extras: the digits are all that varies.
+    sizes = list(map(add, map(add, lengths, map(len, map(str, positions))),
+                     map(len, map(str, stamps))))
+    tails = repeat(_SUFFIX_FIXED + len(_NO_ID_NOR_METADATA)) if extras is None else \
+        map(_SUFFIX_FIXED.__add__, map(len, extras))
+    return frames, list(map(add, sizes, tails))
+
+
+#: The bytes of a full frame's suffix besides the digits and extras: ``:`` and ``\r\n``
+#: twice.
+_SUFFIX_FIXED = 6
+
+
+def _assemble(segment: Segment, offsets: list[int], lengths: list[int], deltas: list[int],
+              descending: bool) -> tuple[bytes, list[int], list[int], list[bytes] | None]:
+    """The full frames, formatted in one call, with the positions, timestamps and
+    extras that went into them (in the order sent)."""
     buf = segment.buffer(offsets[-1] + lengths[-1])
     stamps, extras = record_details(segment, buf, offsets, lengths, deltas)
     base = segment.base_position
@@ -211,7 +239,9 @@ def full_frames(segment: Segment, offsets: list[int], lengths: list[int],
             extras.reverse()
     # One formatting call for every frame of the read (no object per suffix).
     if extras is None:
-        return [_FULL_FRAME * len(bodies) % tuple(chain.from_iterable(zip(bodies, positions,
-                                                                           stamps)))]
-    return [_FULL_FRAME_WITH_EXTRAS * len(bodies) % tuple(chain.from_iterable(
-        zip(bodies, positions, stamps, extras)))]
+        frames = _FULL_FRAME * len(bodies) % tuple(chain.from_iterable(
+            zip(bodies, positions, stamps)))
+    else:
+        frames = _FULL_FRAME_WITH_EXTRAS * len(bodies) % tuple(chain.from_iterable(
+            zip(bodies, positions, stamps, extras)))
+    return frames, positions, stamps, extras

@@ -41,6 +41,7 @@ from .appends import ANY, MAX_BATCH_BYTES, NO_STREAM, AppendPath, AppendResult
 from .durability import LOSSES_KEPT, Durability, Listener, SyncTicket
 from .errors import EngineClosed, StorageError
 from .files import DirectoryLock, checkpoint_path, position_index_path
+from .framecache import DEFAULT_MAX_BYTES as DEFAULT_FRAME_CACHE_BYTES, FrameCache
 from .index import ENTRY_SIZE, ActiveIndex
 from .names import DEFAULT_MAX_EVENT_SIZE
 from .ids import FIRST_BITS, IdIndex
@@ -66,7 +67,8 @@ class Engine(AppendPath, WritePath, Durability, Opening):
     """An open data directory. Use :meth:`open`; call :meth:`close` when done."""
 
     def __init__(self, directory: Path, fsync: str, segment_size: int, max_event_size: int,
-                 verify_on_open: bool, id_index_bits: int = FIRST_BITS) -> None:
+                 verify_on_open: bool, id_index_bits: int = FIRST_BITS,
+                 frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, not {fsync!r}")
         self.directory = directory
@@ -98,6 +100,8 @@ class Engine(AppendPath, WritePath, Durability, Opening):
         self.ids = IdIndex(directory, id_index_bits)
         self._unpublished_ids: dict[bytes, StoredEvent] = {}
         self._unpublished_order: list[tuple[int, bytes]] = []
+        #: Full frames of recently read streams (framecache.py); None when turned off.
+        self.frame_cache = FrameCache(frame_cache_bytes) if frame_cache_bytes else None
         self._lock = DirectoryLock(directory)
         self._closed = False
         self.open_report = OpenReport()
@@ -108,7 +112,8 @@ class Engine(AppendPath, WritePath, Durability, Opening):
     def open(cls, directory: str | os.PathLike, *, fsync: str = "always",
              segment_size: int = DEFAULT_SEGMENT_SIZE,
              max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
-             verify_on_open: bool = True, id_index_bits: int = FIRST_BITS) -> Engine:
+             verify_on_open: bool = True, id_index_bits: int = FIRST_BITS,
+             frame_cache_bytes: int = DEFAULT_FRAME_CACHE_BYTES) -> Engine:
         """Open (creating if missing) a data directory and recover its state.
 
         Takes the directory's exclusive lock (:class:`DirectoryLocked` if held).
@@ -117,10 +122,13 @@ class Engine(AppendPath, WritePath, Durability, Opening):
         :class:`CorruptSegment` for damage anywhere else. ``id_index_bits`` sizes the
         id index's first table (ids.py; tests make it small). With ``verify_on_open``,
         every byte the checkpoint covers is checked against its xxhash.
+        ``frame_cache_bytes`` bounds the full frames kept for reads (framecache.py; 0:
+        none).
         """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        engine = cls(path, fsync, segment_size, max_event_size, verify_on_open, id_index_bits)
+        engine = cls(path, fsync, segment_size, max_event_size, verify_on_open, id_index_bits,
+                     frame_cache_bytes)
         engine._lock.acquire()
         try:
             engine._recover()

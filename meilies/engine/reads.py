@@ -25,11 +25,12 @@ from . import format as fmt
 from .errors import CorruptRecord
 from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, RUN_STRIDE,
                     WORDS_PER_ENTRY, ActiveIndex, SealedIndex, entry_columns)
-from .envelope import MISPLACED_HEADER, _record_starts, full_frames
+from .envelope import MISPLACED_HEADER, _record_starts, full_frames, full_frames_and_lengths
 from .segment import Segment
 from .spans import plan_spans, runs
 
 if TYPE_CHECKING:
+    from .framecache import FrameCache
     from .log import Engine
 
 #: Per-call caps of the frame readers: bound what one reader holds in memory.
@@ -314,9 +315,64 @@ def stream_full_frames(engine: Engine, stream: bytes | int, start: int, stop: in
     if window is None:
         return [], 0, start
     lo, hi = window
+    cache = engine.frame_cache
+    if cache is not None:
+        found = _cached_full_frames(engine, cache, sid, lo, hi, max_bytes, descending)
+        if found is not None:
+            return found
     groups = _cut(_stream_columns(engine, sid, lo, hi), max_bytes, descending)
     count = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
     return _pieces(groups, descending), count, hi - count if descending else lo + count
+
+
+def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi: int,
+                        max_bytes: int, descending: bool
+                        ) -> tuple[list[bytes | bytearray], int, int] | None:
+    """:func:`stream_full_frames` of the window ``lo`` .. ``hi - 1`` through the frame
+    cache (framecache.py): from stream ``sid``'s entry, extended first if the window
+    goes past it; or assembled and kept as a new entry. None: a read the cache does
+    not serve (the caller assembles it as usual)."""
+    run = cache.get(sid)
+    if run is not None and run.first <= lo <= run.stop:
+        if hi > run.stop:
+            if descending:
+                return None
+            frames, lengths = _whole_full_frames(engine, sid, run.stop, hi, max_bytes)
+            if frames is None or not cache.fits(run.size + len(frames)):
+                return None
+            cache.extend(sid, run, frames, lengths)
+        start, end = run.span(lo, hi)
+        if end - start > max_bytes:
+            return None  # a part at a time, as a catch-up is served
+        cache.hits += 1
+        return run.pieces(lo, hi, descending), hi - lo, lo if descending else hi
+    if descending or (run is not None and lo > run.stop):
+        return None  # keep the entry (a revrange, a read past it: not an aggregate's load)
+    frames, lengths = _whole_full_frames(engine, sid, lo, hi, max_bytes)
+    if frames is None:
+        return None
+    cache.misses += 1
+    if cache.fits(len(frames)):
+        cache.put(sid, lo, frames, lengths)
+    return [frames], hi - lo, hi
+
+
+def _whole_full_frames(engine: Engine, sid: int, lo: int, hi: int, max_bytes: int
+                       ) -> tuple[bytes | None, list[int]]:
+    """The full frames of stream ``sid``'s events ``lo`` .. ``hi - 1`` and their
+    lengths, or (None, []) when they are more than one read's ``max_bytes``."""
+    groups = _stream_columns(engine, sid, lo, hi)
+    if sum(sum(lengths) for _segment, _offsets, lengths, _deltas in groups) > max_bytes:
+        return None, []
+    if len(groups) == 1:
+        return full_frames_and_lengths(*groups[0])
+    pieces: list[bytes] = []
+    sizes: list[int] = []
+    for group in groups:
+        frames, lengths = full_frames_and_lengths(*group)
+        pieces.append(frames)
+        sizes += lengths
+    return b"".join(pieces), sizes
 
 
 def all_full_frames(engine: Engine, start: int, stop: int | None = None, *,

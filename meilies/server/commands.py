@@ -335,9 +335,20 @@ def info(conn: Connection, args: list[bytes]) -> bytes:
         ("backend", server.config.backend),
         *_backend_fields(server),
         ("max_event_size", server.config.max_event_size),
+        *_range_cache_fields(conn.engine.frame_cache),
     ]
     body = "# Server\r\n" + "".join(f"{key}:{value}\r\n" for key, value in fields)
     return resp.bulk(body.encode())
+
+
+def _range_cache_fields(cache) -> list[tuple[str, int]]:
+    """The frame cache's use (engine/framecache.py): all 0 when it is off."""
+    if cache is None:
+        return [("range_cache_max_bytes", 0), ("range_cache_bytes", 0),
+                ("range_cache_streams", 0), ("range_cache_hits", 0), ("range_cache_misses", 0)]
+    return [("range_cache_max_bytes", cache.max_bytes), ("range_cache_bytes", cache.size),
+            ("range_cache_streams", len(cache)), ("range_cache_hits", cache.hits),
+            ("range_cache_misses", cache.misses)]
 
 
 _TABLE = [

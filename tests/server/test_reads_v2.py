@@ -197,6 +197,41 @@ def test_ranges_cross_segments_and_records_of_several_events(start_server):
     expect_frames(c.call("revrange", "s1", "+", "-"), store.stream(b"s1")[::-1])
 
 
+def info_fields(client) -> dict[bytes, bytes]:
+    body = client.call("info")
+    body = body[body.index(b"\r\n") + 2:]
+    return dict(line.split(b":", 1) for line in body.split(b"\r\n") if b":" in line)
+
+
+@pytest.mark.parametrize("cache", ["default", "0"])
+def test_an_aggregate_read_again_and_again_between_appends(start_server, cache):
+    """The load/decide/append loop of an event-sourced command handler: the frame cache
+    (on by default) answers the reads again; with it off they are assembled each time.
+    Byte for byte the same either way."""
+    server = start_server(*(() if cache == "default" else ("--range-cache-size", cache)))
+    store = Store(server)
+    store.append(b"order-1", *[(b"line", b"%d" % i) for i in range(50)])
+    store.append(b"other", (b"x", b"1"))
+    c = store.client
+    for round_ in range(5):
+        expect_frames(c.call("range", "order-1", "-", "+"), store.stream(b"order-1"))
+        expect_frames(c.call("range", "order-1", "-", "+"), store.stream(b"order-1"))
+        expect_frames(c.call("range", "order-1", "10", "20"), store.stream(b"order-1")[10:21])
+        expect_frames(c.call("revrange", "order-1", "+", "-", "COUNT", "3"),
+                      store.stream(b"order-1")[:-4:-1])
+        store.append(b"order-1", (b"paid", b"%d" % round_))
+        store.append(b"other", (b"y", b"2"))
+    fields = info_fields(c)
+    if cache == "0":
+        assert fields[b"range_cache_max_bytes"] == b"0" and fields[b"range_cache_hits"] == b"0"
+    else:
+        assert int(fields[b"range_cache_max_bytes"]) == 64 * 1024 * 1024
+        assert int(fields[b"range_cache_hits"]) >= 15
+        assert fields[b"range_cache_misses"] == b"1"  # assembled once, then extended
+        assert fields[b"range_cache_streams"] == b"1"
+        assert 0 < int(fields[b"range_cache_bytes"]) < 64 * 1024
+
+
 def test_a_range_larger_than_a_send_is_sent_in_parts_in_order(start_server):
     """30,000 events of 1 KiB (~31 MB): more than one part, and a pipelined PING after it
     is answered after the whole range."""
