@@ -618,15 +618,23 @@ def scenario_aggregate(cfg: Settings, workdir: Path, results: dict, cpu_notes: d
     streams, per = cfg.agg_streams, cfg.agg_events
     names = [b"agg-%d" % i for i in range(streams)]
     servers = start_pair(workdir, "aggregate")
+    # The same server with its frame cache off (every range assembled from the log):
+    # what an aggregate read for the first time costs, or one the cache has let go.
+    servers["meilies_uncached"] = start_meilies(workdir, "no", "aggregate-uncached",
+                                                extra=["--range-cache-size", "0"])
     try:
         log(f"aggregate: preloading {streams:,} streams of {per} events")
-        t = time.perf_counter()
         append_args = [EVENT_NAME, DATA] * per
-        pipeline(servers["meilies"].port,
-                 batched((command(b"append", s, b"any", *append_args) for s in names), 20, 1),
-                 2, cfg.loop_limit)
-        m_rate = streams * per / (time.perf_counter() - t)
-        check_meilies(servers["meilies"].port, dict.fromkeys(names, per))
+        rates = {}
+        for kind in ("meilies", "meilies_uncached"):
+            t = time.perf_counter()
+            pipeline(servers[kind].port,
+                     batched((command(b"append", s, b"any", *append_args) for s in names),
+                             20, 1),
+                     2, cfg.loop_limit)
+            rates[kind] = streams * per / (time.perf_counter() - t)
+            check_meilies(servers[kind].port, dict.fromkeys(names, per))
+        m_rate = rates["meilies"]
         r_rate = load_redis(servers["redis"], dict.fromkeys(names, per), cfg.loop_limit)
         log(f"aggregate: preloaded at {m_rate:,.0f} (meilies, appends of {per}) and "
             f"{r_rate:,.0f} (redis, XADD) events/s")
@@ -635,15 +643,17 @@ def scenario_aggregate(cfg: Settings, workdir: Path, results: dict, cpu_notes: d
         picks = [rng.randrange(streams) for _ in range(4096)]
         requests = {"meilies": [command(b"range", names[i], b"-", b"+") for i in picks],
                     "redis": [command(b"XRANGE", names[i], b"-", b"+") for i in picks]}
-        counters = {"meilies": lambda: FullFrames(per), "redis": lambda: RedisReply(per)}
+        requests["meilies_uncached"] = requests["meilies"]
+        counters = {"meilies": lambda: FullFrames(per), "redis": lambda: RedisReply(per),
+                    "meilies_uncached": lambda: FullFrames(per)}
 
         def measure(kind, server):
             return request_loop(server, requests[kind], counters[kind](), per,
                                 cfg.agg_seconds, cfg.agg_warmup, cfg.loop_limit)
 
-        runs = {"meilies": [], "redis": []}
+        runs = {"meilies": [], "redis": [], "meilies_uncached": []}
         for run, order in orders(cfg.runs):
-            for kind in order:
+            for kind in (*order, "meilies_uncached"):
                 place(servers[kind].pid, cfg.pin)
                 r = measure(kind, servers[kind])
                 runs[kind].append(r)
@@ -688,6 +698,14 @@ def scenario_aggregate(cfg: Settings, workdir: Path, results: dict, cpu_notes: d
                                                "server_us_per_request", 1),
         "client_cpu_us_per_request": summarize("aggregate.client_cpu_us_per_request", m, rd,
                                                "client_us_per_request", 1),
+        "uncached": {
+            "meilies": "--range-cache-size 0: every range assembled from the log",
+            "requests_per_s": summarize("aggregate.uncached.requests_per_s",
+                                        runs["meilies_uncached"], rd, "requests_per_s", 1),
+            "server_cpu_us_per_request": summarize(
+                "aggregate.uncached.server_cpu_us_per_request", runs["meilies_uncached"], rd,
+                "server_us_per_request", 1),
+        },
         "placement": cfg.pin,
         "preload_events_per_s": figure(m_rate, r_rate, 1),
         "cpu": cpu_notes["aggregate"],

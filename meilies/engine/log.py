@@ -206,6 +206,10 @@ class Engine(AppendPath, WritePath, Durability, Opening):
     def stream_id(self, stream: bytes) -> int | None:
         return self.streams.ids.get(stream)
 
+    def stream_size(self, stream_id: int) -> int:
+        """How many visible events stream ``stream_id`` has (:meth:`next_number`)."""
+        return self.streams.visible_next[stream_id]
+
     def stream_name(self, stream_id: int) -> bytes:
         return self.streams.names[stream_id]
 

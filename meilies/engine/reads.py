@@ -333,11 +333,11 @@ def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi
     goes past it; or assembled and kept as a new entry. None: a read the cache does
     not serve (the caller assembles it as usual)."""
     run = cache.get(sid)
-    if run is not None and run.first <= lo <= run.stop:
-        if hi > run.stop:
+    if run is not None and run.first <= lo <= (kept := run.stop):
+        if hi > kept:
             if descending:
                 return None
-            frames, lengths = _whole_full_frames(engine, sid, run.stop, hi, max_bytes)
+            frames, lengths = _whole_full_frames(engine, sid, kept, hi, max_bytes)
             if frames is None or not cache.fits(run.size + len(frames)):
                 return None
             cache.extend(sid, run, frames, lengths)
@@ -345,7 +345,9 @@ def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi
         if end - start > max_bytes:
             return None  # a part at a time, as a catch-up is served
         cache.hits += 1
-        return run.pieces(lo, hi, descending), hi - lo, lo if descending else hi
+        if descending:
+            return run.pieces(lo, hi, True), hi - lo, lo
+        return [run.frames[start:end]], hi - lo, hi
     if descending or (run is not None and lo > run.stop):
         return None  # keep the entry (a revrange, a read past it: not an aggregate's load)
     frames, lengths = _whole_full_frames(engine, sid, lo, hi, max_bytes)

@@ -384,8 +384,10 @@ class Connection:
         if self._streamed:
             self._flush_streamed()
         elif self._out:
-            data = b"".join(self._out)
-            self._out.clear()
+            out = self._out
+            # One reply (a client waiting for each answer) goes as it is, not copied.
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
             if data:  # a subscribe's reply is its confirmations, sent already
                 with self._send_lock:
                     _send_all(self.sock, data)

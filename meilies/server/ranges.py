@@ -13,6 +13,7 @@ of its read.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..engine.errors import InvalidArgument
@@ -58,22 +59,27 @@ def revrange(conn: Connection, args: list[bytes]) -> bytes | StreamedReply:
 def _range(conn: Connection, args: list[bytes], descending: bool) -> bytes | StreamedReply:
     command = "revrange" if descending else "range"
     stream = args[1]
+    engine = conn.engine
     by_position = stream == ALL_STREAMS
-    if not by_position:
-        try:
-            check_stream_name(stream)
-        except InvalidArgument as exc:
-            raise CommandError(f"ERR {exc}") from None
-    unit = "position" if by_position else "event number"
+    if by_position:
+        unit = "position"
+        available = engine.visible_position
+        sid = None
+    else:
+        unit = "event number"
+        sid = engine.stream_id(stream)
+        if sid is None:  # a stream that exists had its name checked when it was made
+            try:
+                check_stream_name(stream)
+            except InvalidArgument as exc:
+                raise CommandError(f"ERR {exc}") from None
+            available = 0
+        else:
+            available = engine.stream_size(sid)
     high_raw, low_raw = (args[2], args[3]) if descending else (args[3], args[2])
     low = _bound(low_raw, "start", unit)
     high = _bound(high_raw, "end", unit)
-    count = _count(args[4:], command)
-    engine = conn.engine
-    if by_position:
-        available = engine.visible_position
-    else:
-        available = engine.next_number(stream)
+    count = _count(args[4:], command) if len(args) > 4 else DEFAULT_COUNT
     stop = min(high + 1, available)
     if low >= stop:
         return resp.EMPTY_ARRAY
@@ -82,7 +88,10 @@ def _range(conn: Connection, args: list[bytes], descending: bool) -> bytes | Str
         low = stop - total
     else:
         stop = low + total
-    read = engine.all_full_frames if by_position else _stream_reader(engine, stream)
+    if by_position:
+        read = engine.all_full_frames
+    else:
+        read = partial(engine.stream_full_frames, sid)
     pieces, got, resume = read(low, stop, max_events=min(total, PART_EVENTS),
                                max_bytes=SEND_BYTES, descending=descending)
     head = resp.array_header(total)
@@ -92,14 +101,6 @@ def _range(conn: Connection, args: list[bytes], descending: bool) -> bytes | Str
         raise ReplyCut(f"{command}: no event where {total} were announced")
     return StreamedReply(head, _parts(read, b"".join(pieces), low, stop, resume, total - got,
                                       descending))
-
-
-def _stream_reader(engine, stream: bytes):
-    sid = engine.stream_id(stream)
-
-    def read(start, stop, **caps):
-        return engine.stream_full_frames(sid, start, stop, **caps)
-    return read
 
 
 def _parts(read, first: bytes, low: int, stop: int, resume: int, remaining: int,
