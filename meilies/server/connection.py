@@ -388,9 +388,13 @@ class Connection:
             # One reply (a client waiting for each answer) goes as it is, not copied.
             data = out[0] if len(out) == 1 else b"".join(out)
             out.clear()
-            if data:  # a subscribe's reply is its confirmations, sent already
-                with self._send_lock:
-                    _send_all(self.sock, data)
+            if not data:
+                return  # a subscribe's reply is its confirmations, sent already
+            if not self._subscriptions:
+                _send_all(self.sock, data)  # no other sender on this socket
+                return
+            with self._send_lock:
+                _send_all(self.sock, data)
 
     def _flush_streamed(self) -> None:
         """Send replies of which some are read as they are sent (ranges.py), in order.
