@@ -106,6 +106,24 @@ class FrameCache:
             self._runs.move_to_end(sid)
         return run
 
+    def frames(self, sid: int, lo: int, hi: int, max_bytes: int) -> bytearray | None:
+        """The frames of stream ``sid``'s events ``lo`` .. ``hi - 1`` if its entry holds
+        them all within ``max_bytes`` (a hit), else None (nothing counted)."""
+        run = self._runs.get(sid)
+        if run is None:
+            return None
+        first = run.first
+        ends = run.ends
+        if lo < first or hi > first + len(ends):
+            return None
+        start = ends[lo - first - 1] if lo > first else 0
+        end = ends[hi - first - 1]
+        if end - start > max_bytes:
+            return None
+        self._runs.move_to_end(sid)
+        self.hits += 1
+        return run.frames[start:end]
+
     def fits(self, size: int) -> bool:
         """Whether an entry of ``size`` bytes of frames may be kept."""
         return size + ENTRY_OVERHEAD <= self.entry_limit

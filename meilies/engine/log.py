@@ -282,6 +282,16 @@ class Engine(AppendPath, WritePath, Durability, Opening):
         return reads.stream_full_frames(self, stream, start, stop, max_events=max_events,
                                         max_bytes=max_bytes, descending=descending)
 
+    def kept_full_frames(self, stream_id: int, start: int, stop: int, max_bytes: int
+                         ) -> bytearray | None:
+        """The full frames of events ``start`` .. ``stop - 1`` of stream ``stream_id``
+        if the frame cache holds them all within ``max_bytes`` (framecache.py), else
+        None: the quick path of an aggregate read again, with nothing to assemble."""
+        cache = self.frame_cache
+        if cache is None:
+            return None
+        return cache.frames(stream_id, start, stop, max_bytes)
+
     def all_full_frames(self, start: int, stop: int | None = None, *,
                         max_events: int = DEFAULT_MAX_EVENTS, max_bytes: int = DEFAULT_MAX_BYTES,
                         descending: bool = False, min_number: int = 0,
