@@ -14,6 +14,12 @@ batches of 50 (a record each). For each, the bytes a reader is sent, per second:
   (``all_full_frames``: ``*9``, the stored frame after ``*5``, and a suffix with the
   position and the record's timestamp; three pieces per event, joined).
 
+``command_loop`` is an event-sourced command handler's read: an aggregate's stream
+read whole (``stream_full_frames``), then one event appended to it, aggregate after
+aggregate (200 streams of 50 single-event records to start with), with the frame cache
+(framecache.py: the read after an append assembles the new event only) and without it
+(every read assembles every frame): microseconds per read, appends not counted.
+
 Storing full frames instead would make a full read cost what ``original_spans`` costs
 on that layout (the frames would be slices of the log), and an original read cost at
 least what ``full_assembled`` costs (each frame cut out of a stored full one and given
@@ -33,6 +39,7 @@ import time
 
 from meilies.engine import ANY, Engine
 from meilies.engine.envelope import suffix
+from meilies.engine.framecache import DEFAULT_MAX_BYTES
 
 DATA = b"x" * 100
 SEND_BYTES = 256 * 1024
@@ -66,6 +73,25 @@ def full_assembled(engine: Engine) -> tuple[int, float]:
         sent += len(b"".join(pieces))
 
 
+def command_loop(directory: str, cache_bytes: int, rounds: int) -> float:
+    """Microseconds per aggregate read in the read-decide-append loop (module doc)."""
+    aggregates = [b"order-%d" % i for i in range(200)]
+    with Engine.open(directory, fsync="no", frame_cache_bytes=cache_bytes) as engine:
+        for _ in range(50):
+            for stream in aggregates:
+                engine.append(stream, [(b"ev", DATA)], ANY, flush=False)
+        engine.flush()
+        spent = 0.0
+        for _ in range(rounds):
+            for stream in aggregates:
+                started = time.perf_counter()
+                pieces, _count, _next = engine.stream_full_frames(stream, 0)
+                b"".join(pieces)
+                spent += time.perf_counter() - started
+                engine.append(stream, [(b"ev", DATA)], ANY)
+    return spent / (rounds * len(aggregates)) * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -89,6 +115,15 @@ def main() -> int:
         results[layout] = {"events_per_s": medians,
                            "runs": {k: [round(v) for v in vs] for k, vs in figures.items()}}
         print(f"{layout}: {medians}", file=sys.stderr)
+    loop: dict[str, list[float]] = {"cache": [], "no_cache": []}
+    for _ in range(args.runs):
+        for name, cache_bytes in (("cache", DEFAULT_MAX_BYTES), ("no_cache", 0)):
+            with tempfile.TemporaryDirectory() as directory:
+                loop[name].append(command_loop(directory, cache_bytes, 20))
+    results["command_loop_us_per_read"] = {
+        **{name: round(statistics.median(values), 2) for name, values in loop.items()},
+        "runs": {name: [round(v, 2) for v in values] for name, values in loop.items()}}
+    print(f"command_loop: {results['command_loop_us_per_read']}", file=sys.stderr)
     print(json.dumps(results, indent=2))
     return 0
 

@@ -316,61 +316,67 @@ def stream_full_frames(engine: Engine, stream: bytes | int, start: int, stop: in
         return [], 0, start
     lo, hi = window
     cache = engine.frame_cache
+    fill = False
     if cache is not None:
-        found = _cached_full_frames(engine, cache, sid, lo, hi, max_bytes, descending)
+        found, fill = _cached_full_frames(engine, cache, sid, lo, hi, max_bytes, descending)
         if found is not None:
             return found
-    groups = _cut(_stream_columns(engine, sid, lo, hi), max_bytes, descending)
+    columns = _stream_columns(engine, sid, lo, hi)
+    if fill and _stored_bytes(columns) <= max_bytes:
+        # Whole in one read: assembled with each frame's length, and kept.
+        frames, lengths = _full_frames_and_lengths(columns)
+        cache.misses += 1
+        if cache.fits(len(frames)):
+            cache.put(sid, lo, frames, lengths)
+        return [frames], hi - lo, hi
+    groups = _cut(columns, max_bytes, descending)
     count = sum(len(offsets) for _segment, offsets, _lengths, _deltas in groups)
     return _pieces(groups, descending), count, hi - count if descending else lo + count
 
 
 def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi: int,
                         max_bytes: int, descending: bool
-                        ) -> tuple[list[bytes | bytearray], int, int] | None:
-    """:func:`stream_full_frames` of the window ``lo`` .. ``hi - 1`` through the frame
-    cache (framecache.py): from stream ``sid``'s entry, extended first if the window
-    goes past it; or assembled and kept as a new entry. None: a read the cache does
-    not serve (the caller assembles it as usual)."""
+                        ) -> tuple[tuple[list[bytearray], int, int] | None, bool]:
+    """:func:`stream_full_frames` of the window ``lo`` .. ``hi - 1`` from the frame
+    cache (framecache.py): stream ``sid``'s entry, extended first if the window goes
+    past it. Else None, and whether the window, read whole, should become the stream's
+    entry (an ascending read that starts before any entry it has)."""
     run = cache.get(sid)
-    if run is not None and run.first <= lo <= (kept := run.stop):
-        if hi > kept:
-            if descending:
-                return None
-            frames, lengths = _whole_full_frames(engine, sid, kept, hi, max_bytes)
-            if frames is None or not cache.fits(run.size + len(frames)):
-                return None
-            cache.extend(sid, run, frames, lengths)
-        start, end = run.span(lo, hi)
-        if end - start > max_bytes:
-            return None  # a part at a time, as a catch-up is served
-        cache.hits += 1
+    if run is None:
+        return None, not descending
+    kept = run.stop
+    if not run.first <= lo <= kept:
+        return None, not descending and lo < run.first
+    if hi > kept:
         if descending:
-            return run.pieces(lo, hi, True), hi - lo, lo
-        return [run.frames[start:end]], hi - lo, hi
-    if descending or (run is not None and lo > run.stop):
-        return None  # keep the entry (a revrange, a read past it: not an aggregate's load)
-    frames, lengths = _whole_full_frames(engine, sid, lo, hi, max_bytes)
-    if frames is None:
-        return None
-    cache.misses += 1
-    if cache.fits(len(frames)):
-        cache.put(sid, lo, frames, lengths)
-    return [frames], hi - lo, hi
+            return None, False
+        columns = _stream_columns(engine, sid, kept, hi)
+        if _stored_bytes(columns) > max_bytes:
+            return None, False
+        frames, lengths = _full_frames_and_lengths(columns)
+        if not cache.fits(run.size + len(frames)):
+            return None, False
+        cache.extend(sid, run, frames, lengths)
+    start, end = run.span(lo, hi)
+    if end - start > max_bytes:
+        return None, False  # a part at a time, as a catch-up is served
+    cache.hits += 1
+    if descending:
+        return (run.pieces(lo, hi, True), hi - lo, lo), False
+    return ([run.frames[start:end]], hi - lo, hi), False
 
 
-def _whole_full_frames(engine: Engine, sid: int, lo: int, hi: int, max_bytes: int
-                       ) -> tuple[bytes | None, list[int]]:
-    """The full frames of stream ``sid``'s events ``lo`` .. ``hi - 1`` and their
-    lengths, or (None, []) when they are more than one read's ``max_bytes``."""
-    groups = _stream_columns(engine, sid, lo, hi)
-    if sum(sum(lengths) for _segment, _offsets, lengths, _deltas in groups) > max_bytes:
-        return None, []
-    if len(groups) == 1:
-        return full_frames_and_lengths(*groups[0])
+def _stored_bytes(columns: list[Columns]) -> int:
+    return sum(sum(lengths) for _segment, _offsets, lengths, _deltas in columns)
+
+
+def _full_frames_and_lengths(columns: list[Columns]) -> tuple[bytes, list[int]]:
+    """The full frames of ``columns``' events, ascending, and each one's length."""
+    if len(columns) == 1:
+        return full_frames_and_lengths(*columns[0])
     pieces: list[bytes] = []
     sizes: list[int] = []
-    for group in groups:
+    for group in columns:
         frames, lengths = full_frames_and_lengths(*group)
         pieces.append(frames)
         sizes += lengths
