@@ -64,16 +64,11 @@ class CachedRun:
         first = self.first
         return (ends[lo - first - 1] if lo > first else 0), ends[hi - first - 1]
 
-    def pieces(self, lo: int, hi: int, descending: bool) -> list[bytearray]:
-        """The frames of events ``lo`` .. ``hi - 1`` as pieces to join: one copied
-        slice, or one per frame from the last (descending)."""
+    def reversed_pieces(self, lo: int, hi: int) -> list[bytearray]:
+        """The frames of events ``hi - 1`` down to ``lo``, a piece each (revrange)."""
         frames = self.frames
-        if not descending:
-            start, end = self.span(lo, hi)
-            return [frames[start:end]]
-        ends = self.ends
         first = self.first
-        bounds = ends[max(lo - first - 1, 0):hi - first].tolist()
+        bounds = self.ends[max(lo - first - 1, 0):hi - first].tolist()
         if lo == first:
             bounds.insert(0, 0)
         return [frames[a:b] for a, b in zip(bounds[-2::-1], bounds[:0:-1])]
@@ -112,6 +107,7 @@ class FrameCache:
         run = self._runs.get(sid)
         if run is None:
             return None
+        # CachedRun.span's work, inline: this is every cached read's path.
         first = run.first
         ends = run.ends
         if lo < first or hi > first + len(ends):

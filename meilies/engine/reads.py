@@ -362,7 +362,7 @@ def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi
         return None, False  # a part at a time, as a catch-up is served
     cache.hits += 1
     if descending:
-        return (run.pieces(lo, hi, True), hi - lo, lo), False
+        return (run.reversed_pieces(lo, hi), hi - lo, lo), False
     return ([run.frames[start:end]], hi - lo, hi), False
 
 

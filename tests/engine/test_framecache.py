@@ -138,8 +138,12 @@ def test_entry_accounting_matches_what_entries_hold():
     cache.extend(1, run, b"b" * 30, [10, 20])
     assert run.stop == 4 and list(run.ends) == [40, 100, 110, 130]
     assert cache.size == 130 + 4 * 8 + ENTRY_OVERHEAD
-    assert run.pieces(1, 4, False) == [b"a" * 60 + b"b" * 30]
-    assert run.pieces(0, 3, True) == [b"b" * 10, b"a" * 60, b"a" * 40]
+    assert run.span(1, 4) == (40, 130) and run.span(0, 1) == (0, 40)
+    assert run.reversed_pieces(0, 3) == [b"b" * 10, b"a" * 60, b"a" * 40]
+    assert run.reversed_pieces(2, 4) == [b"b" * 20, b"b" * 10]
+    assert cache.frames(1, 1, 4, 1000) == b"a" * 60 + b"b" * 30
+    assert cache.frames(1, 1, 4, 89) is None  # more than max_bytes
+    assert cache.frames(1, 2, 5, 1000) is None and cache.frames(2, 0, 1, 1000) is None
     cache.drop(1)
     assert cache.size == 0 and len(cache) == 0
     with pytest.raises(ValueError):
