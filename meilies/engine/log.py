@@ -153,6 +153,8 @@ class Engine(AppendPath, WritePath, Durability, Opening):
         for segment in self.segments:
             segment.close()
         self.ids.close()
+        if self.frame_cache is not None:
+            self.frame_cache.clear()
 
     def __enter__(self) -> Engine:
         return self
@@ -287,6 +289,7 @@ class Engine(AppendPath, WritePath, Durability, Opening):
         """The full frames of events ``start`` .. ``stop - 1`` of stream ``stream_id``
         if the frame cache holds them all within ``max_bytes`` (framecache.py), else
         None: the quick path of an aggregate read again, with nothing to assemble."""
+        self._check_open()
         cache = self.frame_cache
         if cache is None:
             return None

@@ -13,6 +13,7 @@ import random
 import pytest
 
 from meilies.engine import ANY, Engine
+from meilies.engine.errors import EngineClosed
 from meilies.engine.framecache import ENTRY_OVERHEAD, ENTRY_SHARE, FrameCache
 from meilies.engine.writes import Write
 
@@ -128,6 +129,18 @@ def test_a_cache_of_size_zero_is_none_and_reads_still_work(tmp_path):
         engine.append(b"s", [(b"n", b"1")], ANY)
         pieces, count, _ = engine.stream_full_frames(b"s", 0, 1)
         assert count == 1 and b"".join(pieces).startswith(b"*9\r\n+event\r\n+s\r\n:0\r\n")
+
+
+def test_a_closed_engine_lets_its_cache_go_and_refuses_cached_reads(tmp_path):
+    engine = Engine.open(tmp_path, fsync="no")
+    engine.append(b"s", [(b"n", b"1")] * 5, ANY)
+    cached(engine, b"s", 0, 5)
+    sid = engine.stream_id(b"s")
+    assert engine.kept_full_frames(sid, 0, 5, 1 << 20) is not None
+    engine.close()
+    assert engine.frame_cache.size == 0 and len(engine.frame_cache) == 0
+    with pytest.raises(EngineClosed):
+        engine.kept_full_frames(sid, 0, 5, 1 << 20)
 
 
 def test_entry_accounting_matches_what_entries_hold():
