@@ -352,9 +352,11 @@ def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi
             return None, False
         columns = _stream_columns(engine, sid, kept, hi)
         if _stored_bytes(columns) > max_bytes:
+            cache.drop(sid)  # far behind: a later read may fill it anew
             return None, False
         frames, lengths = _full_frames_and_lengths(columns)
         if not cache.fits(run.size + len(frames)):
+            cache.drop(sid)  # outgrown: read as before from now on
             return None, False
         cache.extend(sid, run, frames, lengths)
     start, end = run.span(lo, hi)

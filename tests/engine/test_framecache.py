@@ -123,6 +123,18 @@ def test_a_stream_larger_than_an_entry_may_hold_is_read_as_before(tmp_path):
         assert len(engine.frame_cache) == 0 and engine.frame_cache.size == 0
 
 
+def test_an_entry_its_stream_outgrows_is_dropped(tmp_path):
+    limit = 64 * 1024  # an entry holds at most 4 KiB
+    with Engine.open(tmp_path, fsync="no", frame_cache_bytes=limit) as engine:
+        cache = engine.frame_cache
+        engine.append(b"s", [(b"n", b"x" * 100)] * 10, ANY)
+        cached(engine, b"s", 0, 10)
+        assert len(cache) == 1
+        engine.append(b"s", [(b"n", b"x" * 100)] * 40, ANY)
+        assert cached(engine, b"s", 0, 50) == uncached(engine, b"s", 0, 50)
+        assert len(cache) == 0 and cache.size == 0
+
+
 def test_a_cache_of_size_zero_is_none_and_reads_still_work(tmp_path):
     with Engine.open(tmp_path, fsync="no", frame_cache_bytes=0) as engine:
         assert engine.frame_cache is None
