@@ -359,13 +359,14 @@ def _cached_full_frames(engine: Engine, cache: FrameCache, sid: int, lo: int, hi
             cache.drop(sid)  # outgrown: read as before from now on
             return None, False
         cache.extend(sid, run, frames, lengths)
+    if not descending:
+        frames = cache.frames(sid, lo, hi, max_bytes)  # None: more than one part
+        return (None if frames is None else ([frames], hi - lo, hi)), False
     start, end = run.span(lo, hi)
     if end - start > max_bytes:
         return None, False  # a part at a time, as a catch-up is served
     cache.hits += 1
-    if descending:
-        return (run.reversed_pieces(lo, hi), hi - lo, lo), False
-    return ([run.frames[start:end]], hi - lo, hi), False
+    return (run.reversed_pieces(lo, hi), hi - lo, lo), False
 
 
 def _stored_bytes(columns: list[Columns]) -> int:

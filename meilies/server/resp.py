@@ -70,12 +70,12 @@ _ELEMENT = [n + 5 + len(str(n)) for n in range(10_000)]
 #: literal first byte (regex then skips with memchr); the rarer RESP3 aggregates only
 #: when their byte occurs at all.
 _LARGE_ARRAY = re.compile(rb"\*[0-9]{4}")
-_LARGE_RESP3 = tuple((bytes([mark]), re.compile(re.escape(bytes([mark])) + rb"[0-9]{4}"))
-                     for mark in b"~>%|")
 #: The RESP3 aggregates' type bytes; a short read without any of them (a request at a
 #: time) is cleared by one C-level pass (``translate``) instead of a search per mark.
 _RESP3_MARKS = b"~>%|"
 SHORT_READ = 512
+_LARGE_RESP3 = tuple((bytes([mark]), re.compile(re.escape(bytes([mark])) + rb"[0-9]{4}"))
+                     for mark in _RESP3_MARKS)
 #: The bytes of a read kept to search a header split between two reads (one short of
 #: a match).
 _TAIL = 4
