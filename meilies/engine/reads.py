@@ -93,14 +93,14 @@ def stream_spans(engine: Engine, stream: bytes | int, start: int, stop: int | No
     while k < len(segments) and number < end:
         segment = segments[k]
         k += 1
-        first, available, taken, starts, ends = _segment_stream_plan(
+        first, available, taken, starts, sizes = _segment_stream_plan(
             segment, sid, number, end, max_bytes - size, not views)
         if taken:
-            views += _span_pieces(segment.buffer(ends[-1]), starts, ends)
-            size += sum(ends) - sum(starts)
+            views += _span_pieces(segment.buffer(starts[-1] + sizes[-1]), starts, sizes)
             number = first + taken
         if taken < available:  # the budget ran out inside this segment
             break
+        size += sum(sizes)  # spent: the next segment gets what is left of the budget
     return views, number
 
 def _stream_range(engine: Engine, stream: bytes | int, start: int, stop: int | None,
@@ -157,7 +157,7 @@ def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
                          ) -> tuple[int, int, int, list[int], list[int]]:
     """Plan reading numbers [start, end) of a stream from one segment within
     ``budget`` bytes: (first number there, frames available, frames taken, and the
-    starts and ends of the byte ranges that hold them; see spans.plan_spans)."""
+    starts and sizes of the byte ranges that hold them; see spans.plan_spans)."""
     index = segment.index
     if isinstance(index, ActiveIndex):
         run = index.streams.get(sid)
@@ -171,9 +171,9 @@ def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
         # Released before returning: appends grow the run, which a live view forbids.
         at = 1 + RUN_STRIDE * (lo - first_number)
         with memoryview(run) as view:
-            taken, starts, ends = plan_spans(view, at, at + 1, RUN_STRIDE, hi - lo,
-                                             budget, at_least_one)
-        return lo, hi - lo, taken, starts, ends
+            taken, starts, sizes = plan_spans(view, at, at + 1, RUN_STRIDE, hi - lo,
+                                              budget, at_least_one)
+        return lo, hi - lo, taken, starts, sizes
     stream_index = segment.stream_index
     i, j = stream_index.stream_run(sid)
     if i == j:
@@ -183,9 +183,9 @@ def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
     hi = min(end, first_number + (j - i))
     if hi <= lo:
         return start, 0, 0, [], []
-    taken, starts, ends = _plan_entries(stream_index.buffer, i + lo - first_number,
-                                        hi - lo, budget, at_least_one)
-    return lo, hi - lo, taken, starts, ends
+    taken, starts, sizes = _plan_entries(stream_index.buffer, i + lo - first_number,
+                                         hi - lo, budget, at_least_one)
+    return lo, hi - lo, taken, starts, sizes
 
 def _segment_stream_columns(segment: Segment, sid: int, start: int, end: int
                             ) -> tuple[int, list[int], list[int], list[int]]:
@@ -232,18 +232,18 @@ def all_spans(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EV
             position, max_events, min_number, max_number, max_bytes)
         if not offsets:
             return [], after
-        starts, ends = runs(array("Q", offsets), 0, 1, lengths)
-        return _span_pieces(segment.buffer(offsets[-1] + lengths[-1]), starts, ends), after
+        starts, sizes = runs(array("Q", offsets), 0, 1, lengths)
+        return _span_pieces(segment.buffer(offsets[-1] + lengths[-1]), starts, sizes), after
     found = _all_range(engine, position, max_events)
     if found is None:
         return [], position
     segment, first, stop = found
     index = segment.index
     buf = index.buffer if isinstance(index, SealedIndex) else index.entries
-    taken, starts, ends = _plan_entries(
+    taken, starts, sizes = _plan_entries(
         buf, first, stop - first, _NO_BUDGET if max_bytes is None else max_bytes,
         True)
-    return (_span_pieces(segment.buffer(ends[-1]), starts, ends),
+    return (_span_pieces(segment.buffer(starts[-1] + sizes[-1]), starts, sizes),
             segment.base_position + first + taken)
 
 def _all_range(engine: Engine, position: int, max_events: int) -> tuple[Segment, int, int] | None:
@@ -563,13 +563,14 @@ SMALL_SPAN = 4096
 SMALL_SPANS_FROM = 16
 
 
-def _span_pieces(buf, starts: list[int], ends: list[int]) -> list[bytes | memoryview]:
-    """``buf[a:b]`` for each span: views of the log (zero-copy: a batch, a large frame),
-    or copies when the spans are many and small."""
-    if len(starts) > SMALL_SPANS_FROM and ends[-1] - starts[0] < SMALL_SPAN * len(starts):
-        return [buf[a:b] for a, b in zip(starts, ends)]
+def _span_pieces(buf, starts: list[int], sizes: list[int]) -> list[bytes | memoryview]:
+    """``buf[a:a + n]`` for each span: views of the log (zero-copy: a batch, a large
+    frame), or copies when the spans are many and small."""
+    if len(starts) > SMALL_SPANS_FROM and \
+            starts[-1] + sizes[-1] - starts[0] < SMALL_SPAN * len(starts):
+        return [buf[a:a + n] for a, n in zip(starts, sizes)]
     view = memoryview(buf)
-    return [view[a:b] for a, b in zip(starts, ends)]
+    return [view[a:a + n] for a, n in zip(starts, sizes)]
 
 
 def _plan_entries(buf, first: int, count: int, budget: int, at_least_one: bool

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 from itertools import accumulate
-from operator import add
 
 #: Frame lengths are fetched this many at a time while the budget lasts, so that a
 #: read over-fetches at most this many past its cut.
@@ -37,7 +36,7 @@ def plan_spans(view, offset_at: int, length_at: int, stride: int, count: int, bu
     ``view[length_at + k * stride]`` (``view``: a memoryview of unsigned ints). Takes
     the longest prefix of frames whose lengths sum to at most ``budget`` (at least one
     frame if ``at_least_one``), and returns how many frames that is and the byte
-    ranges that hold them (their starts, and their ends): one per run of back-to-back
+    ranges that hold them (their starts, and their sizes): one per run of back-to-back
     frames, or, once runs prove short (single publishes), one per frame for the rest.
     """
     lengths: list[int] = []
@@ -52,19 +51,24 @@ def plan_spans(view, offset_at: int, length_at: int, stride: int, count: int, bu
             total += size
             taken = upto
             continue
-        fit = bisect.bisect_right(list(accumulate(chunk)), budget - total)
+        sums = list(accumulate(chunk))
+        fit = bisect.bisect_right(sums, budget - total)
         if fit == 0 and taken == 0 and at_least_one:
             fit = 1
         lengths += chunk[:fit]
+        if fit:
+            total += sums[fit - 1]
         taken += fit
         break
-    return (taken, *runs(view, offset_at, stride, lengths))
+    return (taken, *runs(view, offset_at, stride, lengths, total))
 
 
-def runs(view, offset_at: int, stride: int, lengths: list[int]) -> tuple[list[int], list[int]]:
-    """The byte ranges (starts, ends) of the frames whose lengths are ``lengths`` and
+def runs(view, offset_at: int, stride: int, lengths: list[int], total: int | None = None
+         ) -> tuple[list[int], list[int]]:
+    """The byte ranges (starts, sizes) of the frames whose lengths are ``lengths`` and
     whose offsets are ``view[offset_at + k * stride]`` (a memoryview of an index, or an
     ``array`` of offsets with ``offset_at=0, stride=1``): see :func:`plan_spans`.
+    ``total``, when the caller has it, is ``sum(lengths)``.
 
     A run ends where the next frame does not start at the end of its last one. Runs
     tend to repeat their length (a producer's batches), so each run first tries where
@@ -73,9 +77,10 @@ def runs(view, offset_at: int, stride: int, lengths: list[int]) -> tuple[list[in
     """
     count = len(lengths)
     last = count - 1
-    total = sum(lengths)
+    if total is None:
+        total = sum(lengths)
     starts: list[int] = []
-    ends: list[int] = []
+    sizes: list[int] = []  # sizes, not ends: a frame's is its length, with no addition
     i = 0
     done = 0  # sum(lengths[:i])
     guess = 0
@@ -85,13 +90,13 @@ def runs(view, offset_at: int, stride: int, lengths: list[int]) -> tuple[list[in
             # looking for the few that join.
             offsets = view[offset_at + i * stride:offset_at + count * stride:stride].tolist()
             starts += offsets
-            ends += map(add, offsets, lengths[i:])
+            sizes += lengths[i:]
             break
         start = view[offset_at + i * stride]
         rest = total - done
         if view[offset_at + last * stride] + lengths[last] == start + rest:
             starts.append(start)  # the rest is one run
-            ends.append(start + rest)
+            sizes.append(rest)
             break
         if view[offset_at + (i + 1) * stride] != start + lengths[i]:
             inside, inside_sum = i, 0  # a run of one frame (no sum needed)
@@ -106,11 +111,11 @@ def runs(view, offset_at: int, stride: int, lengths: list[int]) -> tuple[list[in
                 inside, inside_sum = _run_end(view, offset_at, stride, lengths, i, start, last)
         size = inside_sum + lengths[inside]
         starts.append(start)
-        ends.append(start + size)
+        sizes.append(size)
         guess = inside - i + 1
         done += size
         i = inside + 1
-    return starts, ends
+    return starts, sizes
 
 
 def _run_end(view, offset_at: int, stride: int, lengths: list[int], i: int, start: int,

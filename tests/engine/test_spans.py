@@ -52,6 +52,12 @@ def model(offsets, lengths, budget, at_least_one):
     return taken, runs
 
 
+def ranges_of(starts: list[int], sizes: list[int]) -> list[tuple[int, int]]:
+    """A plan's spans as (start, end)."""
+    assert len(starts) == len(sizes)
+    return [(start, start + size) for start, size in zip(starts, sizes)]
+
+
 records_st = st.lists(st.lists(st.integers(1, 300), min_size=1, max_size=40), min_size=1,
                       max_size=40)
 
@@ -65,12 +71,12 @@ def test_the_plan_takes_what_the_budget_admits_in_whole_frame_ranges(records, da
     budget = data.draw(st.integers(0, sum(lengths) + 10))
     at_least_one = data.draw(st.booleans())
     words = sealed_view(offsets, lengths)
-    taken, starts, ends = plan_spans(words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD,
-                                     WORDS_PER_ENTRY, len(offsets), budget, at_least_one)
+    taken, starts, sizes = plan_spans(words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD,
+                                      WORDS_PER_ENTRY, len(offsets), budget, at_least_one)
     want_taken, want_runs = model(offsets, lengths, budget, at_least_one)
     assert taken == want_taken
     # The ranges hold exactly the frames taken, in order, each a whole number of them.
-    ranges = list(zip(starts, ends))
+    ranges = ranges_of(starts, sizes)
     covered = []
     for start, end in ranges:
         k = offsets.index(start)
@@ -87,24 +93,24 @@ def test_the_plan_takes_what_the_budget_admits_in_whole_frame_ranges(records, da
 def test_a_batch_is_one_range_and_single_frames_are_one_each():
     offsets, lengths = layout([[100] * 256, [100] * 256, [90] * 3], [60, 60, 60])
     words = sealed_view(offsets, lengths)
-    taken, starts, ends = plan_spans(words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD,
-                                     WORDS_PER_ENTRY, len(offsets), 10**9, True)
-    assert taken == 515 and list(zip(starts, ends)) == [
+    taken, starts, sizes = plan_spans(words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD,
+                                      WORDS_PER_ENTRY, len(offsets), 10**9, True)
+    assert taken == 515 and ranges_of(starts, sizes) == [
         (60, 25660), (25720, 51320), (51380, 51650)]
     offsets, lengths = layout([[50]] * 100, [70] * 100)
     words = sealed_view(offsets, lengths)
-    taken, starts, ends = plan_spans(words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD,
-                                     WORDS_PER_ENTRY, 100, 10**9, True)
-    assert taken == 100 and starts == offsets and ends == [o + 50 for o in offsets]
+    taken, starts, sizes = plan_spans(words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD,
+                                      WORDS_PER_ENTRY, 100, 10**9, True)
+    assert taken == 100 and starts == offsets and sizes == [50] * 100
 
 
 def test_the_budget_cuts_between_frames_and_one_frame_always_fits_if_asked():
     offsets, lengths = layout([[100] * 10], [10])
     words = sealed_view(offsets, lengths)
     args = (words, FRAME_OFFSET_WORD, FRAME_LENGTH_WORD, WORDS_PER_ENTRY, 10)
-    assert plan_spans(*args, 350, False) == (3, [10], [310])
+    assert plan_spans(*args, 350, False) == (3, [10], [300])
     assert plan_spans(*args, 99, False) == (0, [], [])
-    assert plan_spans(*args, 99, True) == (1, [10], [110])
+    assert plan_spans(*args, 99, True) == (1, [10], [100])
 
 
 def test_an_active_stream_run_is_read_the_same_way():
@@ -113,8 +119,8 @@ def test_an_active_stream_run_is_read_the_same_way():
     for offset, length in zip(offsets, lengths):
         run += array("Q", [offset, length])
     with memoryview(run) as view:
-        taken, starts, ends = plan_spans(view, 1 + 2 * 4, 2 + 2 * 4, 2, 21, 10**9, True)
-    assert taken == 21 and list(zip(starts, ends)) == [(3 + 4 * 7, 143), (183, 228)]
+        taken, starts, sizes = plan_spans(view, 1 + 2 * 4, 2 + 2 * 4, 2, 21, 10**9, True)
+    assert taken == 21 and ranges_of(starts, sizes) == [(3 + 4 * 7, 143), (183, 228)]
 
 
 def test_runs_of_offsets_given_as_an_array_match_the_model():
@@ -122,9 +128,9 @@ def test_runs_of_offsets_given_as_an_array_match_the_model():
     from meilies.engine.spans import runs
 
     offsets, lengths = layout([[30] * 40, [5], [7] * 3, [1]] + [[9]] * 30, [2] * 34)
-    starts, ends = runs(array("Q", offsets), 0, 1, lengths)
+    starts, sizes = runs(array("Q", offsets), 0, 1, lengths)
     _taken, want = model(offsets, lengths, 10**9, True)
-    covered = sorted(zip(starts, ends))
+    covered = sorted(ranges_of(starts, sizes))
     # Short runs may come a frame at a time; merged, they are the model's runs.
     merged = []
     for start, end in covered:
