@@ -508,11 +508,16 @@ def test_bad_scan_arguments(server, args, error):
     assert server.client().call("scan-streams", *args) == error
 
 
-def test_a_million_streams_are_listed_in_pages(start_server):
-    """No reply holds them all: pages of COUNT names, the last cursor 0, each once."""
+def test_a_million_streams_are_listed_in_pages(start_server, backend):
+    """No reply holds them all: pages of COUNT names, the last cursor 0, each once.
+
+    Under ``--backend postgres``, a tenth as many (two pages and a bit): the pages come
+    from the replica's stream table, by the same code as the embedded engine's, and a
+    million streams created through PostgreSQL cost CI 100 s of the 15 minutes.
+    """
     server = start_server("--fsync", "no")
     c = server.client()
-    total = 1_000_000
+    total = 1_000_000 if backend == "embedded" else 100_000
     batch = 20_000
     for first in range(0, total, batch):
         c.send(b"".join(command("publish", b"agg-%07d" % i, "e", "") for i in range(first, first + batch)))
