@@ -124,8 +124,10 @@ def test_a_batch_shares_its_timestamp_and_single_events_have_their_own(tmp_path)
         engine.flush()
         stamps = [time.time_ns() // 1_000_000]
         for i in range(3):
-            while time.time_ns() // 1_000_000 == stamps[-1]:
-                time.sleep(0.001)  # each append in a later millisecond than the one before
+            # Each append in a later millisecond than the one before: later, not merely
+            # another (a step back of the host's clock once made it an earlier one).
+            while time.time_ns() // 1_000_000 <= stamps[-1]:
+                time.sleep(0.001)
             stamps.append(time.time_ns() // 1_000_000)
             engine.append(b"s" if i % 2 else b"t", [(b"n", b"%d" % i)], ANY)
             engine.flush()
