@@ -335,6 +335,30 @@ def test_a_stored_batch_is_read_as_one_view(tmp_path):
         assert b"".join(views) == b"".join(engine.all_frames(0)[0])
 
 
+def test_a_stream_read_keeps_one_byte_budget_across_segments(tmp_path):
+    """What one read returns is bounded by its byte budget in all, not per segment: a
+    stream spread over many small segments is read in the longest prefix of frames that
+    fits (at least one frame), whatever the segment boundaries."""
+    with Engine.open(tmp_path, fsync="no", segment_size=1024) as engine:
+        for i in range(200):
+            engine.append(b"s%d" % (i % 2), [(b"e", b"x" * (i % 37))])
+            if i % 9 == 0:
+                engine.append(b"s0", [(b"batch", b"y" * 5)] * 3)
+        assert engine.stats()["segments"] > 20
+        frames, _ = engine.stream_frames(b"s0", 0, max_bytes=1 << 30)
+        lengths = [len(f) for f in frames]
+        for start in (0, 3, 40):
+            for budget in (1, 100, 700, 2000, 5000):
+                views, after = engine.stream_spans(b"s0", start, max_bytes=budget)
+                fits, used = start, 0
+                while fits < len(lengths) and used + lengths[fits] <= budget:
+                    used += lengths[fits]
+                    fits += 1
+                want = max(fits, start + 1)
+                assert after == want, (start, budget)
+                assert b"".join(views) == b"".join(frames[start:want])
+
+
 def test_thousands_of_records_waiting_for_one_flush_are_all_written(tmp_path):
     """A flush writes its records with pwritev, whose buffer count the kernel caps."""
     with Engine.open(tmp_path, fsync="no") as engine:
