@@ -22,6 +22,8 @@ from itertools import accumulate
 #: Frame lengths are fetched this many at a time while the budget lasts, so that a
 #: read over-fetches at most this many past its cut.
 LENGTH_CHUNK = 512
+#: The chunk in which the budget runs out is searched in pieces of this many lengths.
+CUT_PIECE = 32
 #: After this many runs averaging under SHORT_RUN_LENGTH frames, the rest of a read
 #: is taken a frame at a time instead of run by run.
 SHORT_RUNS = 8
@@ -51,13 +53,23 @@ def plan_spans(view, offset_at: int, length_at: int, stride: int, count: int, bu
             total += size
             taken = upto
             continue
-        sums = list(accumulate(chunk))
-        fit = bisect.bisect_right(sums, budget - total)
+        # The cut is in this chunk: find its piece by sums (no int made per length),
+        # then the frame inside the piece by its running sums.
+        at, left = 0, budget - total
+        while at + CUT_PIECE < len(chunk):
+            piece = sum(chunk[at:at + CUT_PIECE])
+            if piece > left:
+                break
+            at += CUT_PIECE
+            left -= piece
+        sums = list(accumulate(chunk[at:at + CUT_PIECE]))
+        inside = bisect.bisect_right(sums, left)
+        fit = at + inside
+        fitted = budget - total - left + (sums[inside - 1] if inside else 0)
         if fit == 0 and taken == 0 and at_least_one:
-            fit = 1
+            fit, fitted = 1, chunk[0]
         lengths += chunk[:fit]
-        if fit:
-            total += sums[fit - 1]
+        total += fitted
         taken += fit
         break
     return (taken, *runs(view, offset_at, stride, lengths, total))
