@@ -152,6 +152,19 @@ class CorruptIndex(EngineError):
 # -- I/O ----------------------------------------------------------------------------------
 
 
+class BadFrameCopy(EngineError):
+    """A frame copy (framecopy.py) that is not its segment's whole, undamaged copy.
+
+    Derived data: the engine drops it with a warning and reads the segment instead;
+    ``meilies-fsck`` reports it and ``--repair`` deletes it.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class StorageError(EngineError):
     """A write or sync failed (disk full, I/O error, file too large).
 

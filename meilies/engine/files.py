@@ -7,6 +7,7 @@ Layout of a data directory::
     00000000000000000000.seg      segment whose first event has global position 0
     00000000000000000000.pidx     its position index (index.py)
     00000000000000000000.sidx     its stream index, written when the segment is sealed
+    00000000000000000000.frm      its frame copy (framecopy.py), written when it is sealed
     00000000000001048576.seg      the next segment, first position 1048576, ...
     ids-00.table, ids-01.table... the id index's tables (ids.py); derived, rebuilt if bad
     ids.state                     how far the id tables are complete (ids.py)
@@ -28,19 +29,21 @@ from .errors import DirectoryLocked, ForeignFile
 SEGMENT_SUFFIX = ".seg"
 POSITION_INDEX_SUFFIX = ".pidx"
 STREAM_INDEX_SUFFIX = ".sidx"
+FRAME_COPY_SUFFIX = ".frm"
 LOCK_NAME = "LOCK"
 CHECKPOINT_NAME = "checkpoint"
 #: Suffix of files being written before an atomic rename; removed on open.
 TEMP_SUFFIX = ".tmp"
 
 ID_STATE_NAME = "ids.state"
-_SEGMENT_FILE = re.compile(r"^(\d{20})\.(seg|pidx|sidx)$")
+_SEGMENT_FILE = re.compile(r"^(\d{20})\.(seg|pidx|sidx|frm)$")
 #: The id index's files (ids.py).
 ID_FILE = re.compile(r"^(ids-\d{2}\.table|ids\.state)$")
-#: The temporary files the engine writes (index.write_file, checkpoint.write) and
-#: ``meilies-fsck --repair --salvage`` writes (a segment's new bytes before the rename):
+#: The temporary files the engine writes (index.write_file, checkpoint.write, the active
+#: segment's growing frame copy) and ``meilies-fsck --repair --salvage`` writes (a
+#: segment's new bytes before the rename):
 #: only these are removed on open; any other name ending in .tmp is someone else's file.
-_TEMP_FILE = re.compile(r"^(checkpoint|ids\.state|\d{20}\.(pidx|sidx|seg))\.tmp$")
+_TEMP_FILE = re.compile(r"^(checkpoint|ids\.state|\d{20}\.(pidx|sidx|seg|frm))\.tmp$")
 
 
 def _stem(base_position: int) -> str:
@@ -58,6 +61,11 @@ def position_index_path(directory: Path, base_position: int) -> Path:
 
 def stream_index_path(directory: Path, base_position: int) -> Path:
     return directory / (_stem(base_position) + STREAM_INDEX_SUFFIX)
+
+
+def frame_copy_path(directory: Path, base_position: int) -> Path:
+    """Path of a sealed segment's frame copy (framecopy.py)."""
+    return directory / (_stem(base_position) + FRAME_COPY_SUFFIX)
 
 
 def checkpoint_path(directory: Path) -> Path:

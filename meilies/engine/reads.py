@@ -22,7 +22,7 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import format as fmt
-from .errors import CorruptRecord
+from .errors import BadFrameCopy, CorruptRecord
 from .index import (ENTRY, ENTRY_SIZE, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, RUN_STRIDE,
                     WORDS_PER_ENTRY, ActiveIndex, SealedIndex, entry_columns)
 from .envelope import MISPLACED_HEADER, _record_starts, full_frames, full_frames_and_lengths
@@ -93,10 +93,10 @@ def stream_spans(engine: Engine, stream: bytes | int, start: int, stop: int | No
     while k < len(segments) and number < end:
         segment = segments[k]
         k += 1
-        first, available, taken, starts, sizes = _segment_stream_plan(
+        first, available, taken, pieces, sizes = _segment_stream_plan(
             segment, sid, number, end, max_bytes - size, not views)
         if taken:
-            views += _span_pieces(segment.buffer(starts[-1] + sizes[-1]), starts, sizes)
+            views += pieces
             number = first + taken
         if taken < available:  # the budget ran out inside this segment
             break
@@ -154,10 +154,11 @@ def _stream_locations(engine: Engine, stream: bytes | int, start: int, stop: int
 
 def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
                          budget: int, at_least_one: bool
-                         ) -> tuple[int, int, int, list[int], list[int]]:
+                         ) -> tuple[int, int, int, list[bytes | memoryview], list[int]]:
     """Plan reading numbers [start, end) of a stream from one segment within
-    ``budget`` bytes: (first number there, frames available, frames taken, and the
-    starts and sizes of the byte ranges that hold them; see spans.plan_spans)."""
+    ``budget`` bytes: (first number there, frames available, frames taken, the views
+    that hold them, and their sizes; see spans.plan_spans). Events at consecutive
+    positions come from the segment's frame copy, in one view, when it has them."""
     index = segment.index
     if isinstance(index, ActiveIndex):
         run = index.streams.get(sid)
@@ -168,24 +169,60 @@ def _segment_stream_plan(segment: Segment, sid: int, start: int, end: int,
         hi = min(end, first_number + (len(run) - 1) // RUN_STRIDE)
         if hi <= lo:
             return start, 0, 0, [], []
-        # Released before returning: appends grow the run, which a live view forbids.
         at = 1 + RUN_STRIDE * (lo - first_number)
+        first_delta = run[at + 2]
+        last_delta = run[at + 2 + RUN_STRIDE * (hi - lo - 1)]
+        copied = _from_copy(segment, first_delta, last_delta, hi - lo, budget, at_least_one)
+        if copied is not None:
+            return (lo, hi - lo, *copied)
+        # Released before returning: appends grow the run, which a live view forbids.
         with memoryview(run) as view:
             taken, starts, sizes = plan_spans(view, at, at + 1, RUN_STRIDE, hi - lo,
                                               budget, at_least_one)
-        return lo, hi - lo, taken, starts, sizes
-    stream_index = segment.stream_index
-    i, j = stream_index.stream_run(sid)
-    if i == j:
-        return start, 0, 0, [], []
-    first_number = stream_index.entry(i)[4]
-    lo = max(start, first_number)
-    hi = min(end, first_number + (j - i))
-    if hi <= lo:
-        return start, 0, 0, [], []
-    taken, starts, sizes = _plan_entries(stream_index.buffer, i + lo - first_number,
-                                         hi - lo, budget, at_least_one)
-    return lo, hi - lo, taken, starts, sizes
+    else:
+        stream_index = segment.stream_index
+        i, j = stream_index.stream_run(sid)
+        if i == j:
+            return start, 0, 0, [], []
+        first_number = stream_index.entry(i)[4]
+        lo = max(start, first_number)
+        hi = min(end, first_number + (j - i))
+        if hi <= lo:
+            return start, 0, 0, [], []
+        at = i + lo - first_number
+        copied = _from_copy(segment, stream_index.entry(at)[3],
+                            stream_index.entry(at + hi - lo - 1)[3], hi - lo, budget,
+                            at_least_one)
+        if copied is not None:
+            return (lo, hi - lo, *copied)
+        taken, starts, sizes = _plan_entries(stream_index.buffer, at, hi - lo, budget,
+                                             at_least_one)
+    if not taken:
+        return lo, hi - lo, 0, [], []
+    return (lo, hi - lo, taken, _span_pieces(segment.buffer(starts[-1] + sizes[-1]), starts,
+                                             sizes), sizes)
+
+
+def _from_copy(segment: Segment, first_delta: int, last_delta: int, count: int, budget: int,
+               at_least_one: bool) -> tuple[int, list[memoryview], list[int]] | None:
+    """Events at position deltas ``first_delta`` .. ``last_delta`` of a segment, when
+    they are ``count`` consecutive positions that its frame copy holds: (events taken,
+    [one view] or [], [its size] or []); None when they must be read from the
+    segment."""
+    if last_delta - first_delta != count - 1:
+        return None
+    copy = segment.frame_copy()
+    if copy is None or last_delta >= copy.copied:
+        return None
+    try:
+        taken, view = copy.span(first_delta, last_delta + 1, budget, at_least_one)
+    except BadFrameCopy as exc:
+        segment.drop_copy(exc)
+        return None
+    if not taken:
+        return 0, [], []
+    return taken, [view], [len(view)]
+
 
 def _segment_stream_columns(segment: Segment, sid: int, start: int, end: int
                             ) -> tuple[int, list[int], list[int], list[int]]:
@@ -238,11 +275,17 @@ def all_spans(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EV
     if found is None:
         return [], position
     segment, first, stop = found
+    budget = _NO_BUDGET if max_bytes is None else max_bytes
+    copy = segment.frame_copy()
+    if copy is not None and first < copy.copied:
+        try:  # as far as the copy goes; the events after it come with the next call
+            taken, view = copy.span(first, min(stop, copy.copied), budget, True)
+            return [view], segment.base_position + first + taken
+        except BadFrameCopy as exc:
+            segment.drop_copy(exc)
     index = segment.index
     buf = index.buffer if isinstance(index, SealedIndex) else index.entries
-    taken, starts, sizes = _plan_entries(
-        buf, first, stop - first, _NO_BUDGET if max_bytes is None else max_bytes,
-        True)
+    taken, starts, sizes = _plan_entries(buf, first, stop - first, budget, True)
     return (_span_pieces(segment.buffer(starts[-1] + sizes[-1]), starts, sizes),
             segment.base_position + first + taken)
 

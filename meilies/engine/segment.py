@@ -13,15 +13,20 @@ Not thread-safe: the engine serialises all access.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 from pathlib import Path
 
 from . import format as fmt
 from .checkpoint import SegmentState
-from .errors import CorruptSegment, StorageError, UnsupportedFormatVersion
-from .files import fsync_directory, position_index_path, segment_path, stream_index_path
+from .errors import BadFrameCopy, CorruptSegment, StorageError, UnsupportedFormatVersion
+from .files import (frame_copy_path, fsync_directory, position_index_path, segment_path,
+                    stream_index_path)
+from .framecopy import COPY_BATCH, ActiveCopy, SealedCopy
 from .index import ActiveIndex, SealedIndex, close_map, sorted_stream_index, write_file
+
+log = logging.getLogger("meilies.engine")
 
 #: Most buffers one pwritev takes (the kernel refuses more).
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -45,6 +50,13 @@ class Segment:
         self.index: ActiveIndex | SealedIndex = ActiveIndex()
         self.stream_index: SealedIndex | None = None
         self.state: SegmentState | None = None  # set once sealed
+        #: The frame copy (framecopy.py) once made or checked; None without one.
+        self.copy: ActiveCopy | SealedCopy | None = None
+        #: False until a sealed segment's copy file was looked at (it is, at first use).
+        self._copy_looked = False
+        #: The active index's count at which the next part of the copy is made; never
+        #: once the copy is given up.
+        self._copy_next: int | None = COPY_BATCH
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -129,6 +141,7 @@ class Segment:
         """
         assert isinstance(self.index, ActiveIndex) and self._fd is not None
         self.sync()
+        self._seal_copy()
         entries = bytes(self.index.entries)
         sidx = sorted_stream_index(entries)
         for path, data in ((position_index_path(self.directory, self.base_position), entries),
@@ -145,11 +158,107 @@ class Segment:
         self.load_sealed_indexes()
         return self.state
 
+    def _seal_copy(self) -> None:
+        """Finish the frame copy (or make it, or adopt a file that is already this
+        segment's copy) and rename it into place. Best effort: it is derived data."""
+        self._copy_looked = True
+        if self._copy_next is None:
+            return
+        count, digest = self.index.count, self.hasher.intdigest()
+        if self.copy is None:
+            try:
+                self.copy = SealedCopy.open(frame_copy_path(self.directory, self.base_position),
+                                            self.base_position, count, self.size, digest)
+                return
+            except BadFrameCopy:
+                pass  # none, or not this segment's: make it
+        if self.copy is None and not self._start_copy():
+            return
+        try:
+            if not self.copy.extend(self.buffer(self.written), self.index.entries, count):
+                self._give_up_copy(None)
+                return
+            self.copy = self.copy.seal(self.size, digest)
+        except (OSError, BadFrameCopy) as exc:
+            self._give_up_copy(exc)
+
+    def copy_visible(self) -> None:
+        """Extend the active segment's frame copy to its visible events (called as they
+        become visible: cheap unless COPY_BATCH of them wait)."""
+        next_at = self._copy_next
+        if next_at is None or self.index.count < next_at:
+            return
+        if self.copy is None and not self._start_copy():
+            return
+        count = self.index.count
+        try:
+            if not self.copy.extend(self.buffer(self.written), self.index.entries, count):
+                self._give_up_copy(None)
+                return
+        except OSError as exc:
+            self._give_up_copy(exc)
+            return
+        self._copy_next = count + COPY_BATCH
+
+    def _start_copy(self) -> bool:
+        try:
+            self.copy = ActiveCopy(frame_copy_path(self.directory, self.base_position),
+                                   self.base_position)
+        except OSError as exc:
+            self._give_up_copy(exc)
+            return False
+        return True
+
+    def frame_copy(self) -> ActiveCopy | SealedCopy | None:
+        """The segment's usable frame copy, or None. A sealed segment's copy file is
+        opened and checked the first time it is asked for."""
+        if not self._copy_looked and self.state is not None:
+            self._copy_looked = True
+            path = frame_copy_path(self.directory, self.base_position)
+            state = self.state
+            try:
+                self.copy = SealedCopy.open(path, self.base_position, state.event_count,
+                                            state.size, state.segment_hash)
+            except BadFrameCopy as exc:
+                if path.exists():
+                    self.drop_copy(exc)
+        return self.copy
+
+    def drop_copy(self, error: BadFrameCopy) -> None:
+        """A frame copy failed a check: warn, delete it and read the segment from now on."""
+        log.warning("dropping the frame copy of %s (reads use the segment): %s",
+                    self.path.name, error.reason)
+        copy, self.copy = self.copy, None
+        self._copy_next = None
+        if copy is not None:
+            copy.close()
+        try:
+            os.unlink(error.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # it is checked again, and dropped, at the next open
+            log.warning("could not delete %s: %s", error.path, exc)
+
+    def _give_up_copy(self, error: OSError | BadFrameCopy | None) -> None:
+        """Stop copying (a segment of batches, or a copy that cannot be written)."""
+        if error is not None:
+            log.warning("giving up the frame copy of %s (reads use the segment): %s",
+                        self.path.name, error)
+        copy, self.copy = self.copy, None
+        self._copy_next = None
+        if isinstance(copy, ActiveCopy):
+            copy.discard()
+        elif copy is not None:
+            copy.close()
+
     def load_sealed_indexes(self) -> None:
         self.index = SealedIndex(position_index_path(self.directory, self.base_position))
         self.stream_index = SealedIndex(stream_index_path(self.directory, self.base_position))
 
     def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
+            self.copy = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

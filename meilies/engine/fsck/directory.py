@@ -13,6 +13,7 @@ from pathlib import Path
 from ..errors import DirectoryLocked, UnreadableDirectory
 from ..files import (
     CHECKPOINT_NAME,
+    FRAME_COPY_SUFFIX,
     ID_FILE,
     LOCK_NAME,
     POSITION_INDEX_SUFFIX,
@@ -24,7 +25,8 @@ from ..files import (
 
 _INDEX_FILE = re.compile(r"^(\d{20})(" + re.escape(SEGMENT_SUFFIX) + "|"
                          + re.escape(POSITION_INDEX_SUFFIX) + "|"
-                         + re.escape(STREAM_INDEX_SUFFIX) + ")$")
+                         + re.escape(STREAM_INDEX_SUFFIX) + "|"
+                         + re.escape(FRAME_COPY_SUFFIX) + ")$")
 
 
 #: The engine's own leftovers of an atomic write (files.py removes these on open; any
@@ -32,6 +34,7 @@ _INDEX_FILE = re.compile(r"^(\d{20})(" + re.escape(SEGMENT_SUFFIX) + "|"
 _TEMP_FILE = re.compile(r"^(" + re.escape(CHECKPOINT_NAME) + r"|ids\.state|\d{20}("
                         + re.escape(POSITION_INDEX_SUFFIX) + "|"
                         + re.escape(STREAM_INDEX_SUFFIX) + "|"
+                        + re.escape(FRAME_COPY_SUFFIX) + "|"
                         + re.escape(SEGMENT_SUFFIX) + "))" + re.escape(TEMP_SUFFIX) + "$")
 
 

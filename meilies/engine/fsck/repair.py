@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from ..errors import DirectoryLocked, EngineError
-from ..files import (CHECKPOINT_NAME, ID_FILE, ID_STATE_NAME, POSITION_INDEX_SUFFIX,
-                     STREAM_INDEX_SUFFIX, fsync_directory)
+from ..files import (CHECKPOINT_NAME, FRAME_COPY_SUFFIX, ID_FILE, ID_STATE_NAME,
+                     POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX, fsync_directory)
 from . import salvage
 from .directory import _INDEX_FILE
 from .report import FsckReport, RepairResult
@@ -68,14 +68,15 @@ def _salvage(directory: Path, report: FsckReport, bases: list[int]) -> None:
 
 
 def _delete_derived(directory: Path, repair: RepairResult) -> None:
-    """Delete the checkpoint and the id index's state, then every index file.
+    """Delete the checkpoint and the id index's state, then every index file and frame
+    copy (the engine makes a sealed segment's copy again when it seals it anew).
 
     The checkpoint and the state go first, so that an interrupted repair never leaves
     one that claims log which is gone; the engine rebuilds whatever is missing.
     """
     for name in [CHECKPOINT_NAME, ID_STATE_NAME] + sorted(
             name for name in os.listdir(directory)
-            if (name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX))
+            if (name.endswith((POSITION_INDEX_SUFFIX, STREAM_INDEX_SUFFIX, FRAME_COPY_SUFFIX))
                 and _INDEX_FILE.match(name)) or (ID_FILE.match(name) and name != ID_STATE_NAME)):
         try:
             os.unlink(directory / name)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from .. import format as fmt
-from ..errors import CorruptIndex
-from ..files import (checkpoint_path, id_state_path, position_index_path, segment_path,
-                     stream_index_path)
+from ..errors import BadFrameCopy, CorruptIndex
+from ..files import (checkpoint_path, frame_copy_path, id_state_path, position_index_path,
+                     segment_path, stream_index_path)
+from ..framecopy import SealedCopy
 from ..ids import IdIndex, tag_of
 from ..index import ENTRY_SIZE, close_map
 from ..names import quoted
@@ -447,8 +448,32 @@ class _Verifier:
                 self.report.problems.append(problem)
             else:
                 segment.sidx_good = True
+            if segment.pidx_good is not None:
+                self._check_frame_copy(segment)
         if self.checkpoint is not None and segment.k < len(self.checkpoint.segments):
             self._check_checkpoint_segment(segment)
+
+    def _check_frame_copy(self, segment: _Segment) -> None:
+        """A sealed segment's frame copy (framecopy.py), if it has one: this segment's,
+        whole, and frame for frame the log's (its .pidx was found to match the log)."""
+        path = frame_copy_path(self.directory, segment.base)
+        if not path.exists():
+            return
+        with open(segment.path, "rb") as handle:
+            buf = mmap.mmap(handle.fileno(), segment.size, prot=mmap.PROT_READ)
+        try:
+            with memoryview(buf) as view:
+                digest = fmt.checksum(view)
+            copy = SealedCopy.open(path, segment.base, segment.events, segment.size, digest)
+            try:
+                with open(position_index_path(self.directory, segment.base), "rb") as pidx:
+                    copy.verify(buf, pidx.read(segment.events * ENTRY_SIZE))
+            finally:
+                copy.close()
+        except BadFrameCopy as exc:
+            self.report.problems.append(IndexProblem(path, None, f"frame copy: {exc.reason}"))
+        finally:
+            close_map(buf)
 
     def _check_orphan_indexes(self) -> None:
         bases = set(self.listing.bases)

@@ -1,0 +1,338 @@
+"""Frame copies: a segment's frames once more, back to back in position order.
+
+Why. A record ends with its last frame and the next record's header follows it, so
+events published one at a time (one record each) lie in the log with a header between
+every two frames, and a catch-up must cut each frame out with its own copy: ~1,100 of
+the ~1,650 instructions a catch-up spends per such event (README, "Reads"). A batch's
+frames are one slice. A frame copy makes every run of positions one slice, whatever
+its records: a ``$all@p`` catch-up, and the catch-up of a stream whose events are
+consecutive positions, read single events the way they read batches.
+
+What it costs. The frames again on disk (for single small events, ~60% more disk for
+the segment), 4 bytes per event, and on the append path one gather per COPY_BATCH
+visible events plus one ``write`` (no fsync). Segments of batches gain nothing from a
+copy, so a copy is given up (and its file deleted) once COPY_TEST events show records
+averaging BATCH_RUN events or more.
+
+Derived data, never needed for correctness. Nothing is fsynced: a copy is checked
+before it is trusted, and any copy that fails a check is dropped (with a warning) and
+its segment read from the log as before. Nothing that writes the log waits on a copy:
+a copy that cannot be written is given up, and the append goes on.
+
+File layout (``<base>.frm``, written whole when the segment is sealed; little-endian)::
+
+    frames      every frame of the segment, in position order, back to back
+    ends        count x u32: ends[k] = where event k's frame ends in ``frames``
+    block_sums  ceil(frames_length / block_size) x u64: xxh3_64 of each block_size
+                bytes of ``frames`` (the last block may be shorter)
+    footer (64 bytes):
+        offset size field
+        0      8    magic = "MEILIEFC"
+        8      4    version = 1
+        12     4    block_size (bytes)
+        16     8    base_position: the segment's
+        24     8    count: events
+        32     8    frames_length: bytes of ``frames``
+        40     8    segment_size: the segment's size in bytes
+        48     8    segment_hash: xxh3_64 of the whole segment file (the checkpoint's)
+        56     8    checksum = xxh3_64(ends, block_sums, footer[0:56])
+
+A copy belongs to exactly the segment whose size and hash its footer names (a segment
+``meilies-fsck --repair`` cut or rewrote has another). The footer and the tables are
+checked when a reader first needs the copy; each block of frames when a reader first
+touches it. So opening a data directory reads no copy.
+
+The active segment's copy grows in ``<base>.frm.tmp`` (frames only; its ends and block
+sums are kept in memory) and becomes ``<base>.frm`` when the segment is sealed. After a
+crash the ``.tmp`` file is deleted on open and the active segment's copy is made again
+from the log.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import struct
+from array import array
+from collections.abc import Iterator
+from itertools import accumulate
+from pathlib import Path
+
+from . import format as fmt
+from .errors import BadFrameCopy
+from .index import WORDS_PER_ENTRY, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, close_map
+from .spans import runs
+
+log = logging.getLogger("meilies.engine")
+
+FOOTER = struct.Struct("<8sIIQQQQQQ")
+FOOTER_SIZE = FOOTER.size  # 64
+MAGIC = b"MEILIEFC"
+VERSION = 1
+#: Bytes of frames per checked block: what a reader hashes the first time it touches one.
+BLOCK_SIZE = 1024 * 1024
+#: The active segment's visible events are copied this many at a time (and at sealing).
+COPY_BATCH = 2048
+#: After this many events of a segment, its copy is given up when its records average
+#: BATCH_RUN events or more (their frames are already runs in the log).
+COPY_TEST = 8192
+BATCH_RUN = 8
+#: Events compared at a time by :meth:`SealedCopy.verify`.
+VERIFY_BATCH = 65536
+
+
+class ActiveCopy:
+    """The copy of the active segment, growing in ``<base>.frm.tmp``."""
+
+    def __init__(self, path: Path, base_position: int) -> None:
+        self.path = path
+        self.tmp_path = path.with_name(path.name + ".tmp")
+        self.base_position = base_position
+        #: ends[k]: where event k's frame ends in the copy.
+        self.ends = array("I")
+        self.block_sums = array("Q")
+        self._block = fmt.Hasher()
+        self._block_fill = 0
+        self._runs = 0
+        self._map: mmap.mmap | None = None
+        self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    @property
+    def copied(self) -> int:
+        """Events copied: entries 0 .. copied-1 of the segment are readable here."""
+        return len(self.ends)
+
+    @property
+    def frames_length(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    def extend(self, log_buf, index_buf, stop: int) -> bool:
+        """Copy the frames of index entries ``copied`` .. ``stop-1`` (``index_buf``: the
+        segment's position index, ``log_buf``: a map of the segment). False when the
+        copy should be given up (a segment of batches)."""
+        first = self.copied
+        if stop <= first:
+            return True
+        with memoryview(index_buf) as raw, raw.cast("I") as words:
+            lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
+            lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
+            total = sum(lengths)
+            starts, sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths,
+                                 total)
+        self._runs += len(starts)
+        if stop >= COPY_TEST and self._runs * BATCH_RUN <= stop:
+            return False
+        data = b"".join([log_buf[a:a + n] for a, n in zip(starts, sizes)])
+        at = self.frames_length
+        _write_all(self._fd, data)
+        self.ends.extend(_ends(at, lengths))
+        self._hash(data)
+        return True
+
+    def _hash(self, data: bytes) -> None:
+        """Feed ``data`` (the copy's next bytes) to the block sums."""
+        with memoryview(data) as view:
+            taken = 0
+            while taken < len(view):
+                room = BLOCK_SIZE - self._block_fill
+                piece = view[taken:taken + room]
+                self._block.update(piece)
+                self._block_fill += len(piece)
+                taken += len(piece)
+                if self._block_fill == BLOCK_SIZE:
+                    self.block_sums.append(self._block.intdigest())
+                    self._block = fmt.Hasher()
+                    self._block_fill = 0
+
+    def buffer(self, end: int):
+        """A read-only map of the copy that covers at least its first ``end`` bytes."""
+        if self._map is None or len(self._map) < end:
+            with open(self.tmp_path, "rb") as handle:
+                new_map = mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ)
+            old, self._map = self._map, new_map
+            if old is not None:
+                close_map(old)
+        return self._map
+
+    def seal(self, segment_size: int, segment_hash: int) -> SealedCopy:
+        """Write the tables and the footer, and rename the file to ``<base>.frm``."""
+        sums = array("Q", self.block_sums)
+        if self._block_fill:
+            sums.append(self._block.intdigest())
+        tables = self.ends.tobytes() + sums.tobytes()
+        fields = FOOTER.pack(MAGIC, VERSION, BLOCK_SIZE, self.base_position, self.copied,
+                             self.frames_length, segment_size, segment_hash, 0)[:56]
+        checksum = fmt.checksum(tables + fields)
+        _write_all(self._fd, tables + fields + checksum.to_bytes(8, "little"))
+        os.close(self._fd)
+        self._fd = None
+        os.replace(self.tmp_path, self.path)
+        if self._map is not None:
+            close_map(self._map)
+            self._map = None
+        copy = SealedCopy.open(self.path, self.base_position, self.copied, segment_size,
+                               segment_hash)
+        copy.verified[:] = b"\x01" * len(copy.verified)  # written by us just now
+        return copy
+
+    def span(self, first: int, stop: int, budget: int, at_least_one: bool):
+        """See :meth:`SealedCopy.span`: the same over the copied part."""
+        ends = self.ends
+        start = ends[first - 1] if first else 0
+        k = bisect.bisect_right(ends, start + budget, first, stop)
+        if k == first and at_least_one:
+            k = first + 1
+        if k == first:
+            return 0, None
+        end = ends[k - 1]
+        return k - first, memoryview(self.buffer(end))[start:end]
+
+    def discard(self) -> None:
+        """Give the copy up: close and delete its file."""
+        self.close()
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._map is not None:
+            close_map(self._map)
+            self._map = None
+
+
+class SealedCopy:
+    """The checked copy of a sealed segment, mapped read-only."""
+
+    def __init__(self, path: Path, buf: mmap.mmap, count: int, frames_length: int,
+                 sums_at: int) -> None:
+        self.path = path
+        self._map = buf
+        self.count = count
+        self.frames_length = frames_length
+        view = memoryview(buf)
+        self.ends = view[frames_length:frames_length + 4 * count].cast("I")
+        blocks = -(-frames_length // BLOCK_SIZE)
+        self.block_sums = view[sums_at:sums_at + 8 * blocks].cast("Q")
+        self.frames = view[:frames_length]
+        #: verified[b]: block b's sum was checked.
+        self.verified = bytearray(blocks)
+
+    @property
+    def copied(self) -> int:
+        return self.count
+
+    @classmethod
+    def open(cls, path: Path, base_position: int, count: int, segment_size: int,
+             segment_hash: int) -> SealedCopy:
+        """Map and check the copy at ``path`` for the segment described; raise
+        :class:`BadFrameCopy` when it is not that segment's whole, undamaged copy."""
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size < FOOTER_SIZE:
+                    raise BadFrameCopy(path, f"{size} bytes, shorter than a footer")
+                buf = mmap.mmap(handle.fileno(), size, prot=mmap.PROT_READ)
+        except OSError as exc:
+            raise BadFrameCopy(path, f"cannot be read: {exc.strerror or exc}") from exc
+        try:
+            (magic, version, block_size, base, events, frames_length, seg_size, seg_hash,
+             checksum) = FOOTER.unpack_from(buf, size - FOOTER_SIZE)
+            if magic != MAGIC or version != VERSION or block_size != BLOCK_SIZE:
+                raise BadFrameCopy(path, "not a frame copy of this version")
+            blocks = -(-frames_length // BLOCK_SIZE)
+            sums_at = frames_length + 4 * events
+            if sums_at + 8 * blocks + FOOTER_SIZE != size:
+                raise BadFrameCopy(path, "its size does not match its footer")
+            if fmt.checksum(memoryview(buf)[frames_length:size - 8]) != checksum:
+                raise BadFrameCopy(path, "its footer or tables fail their checksum")
+            if (base, events, seg_size, seg_hash) != (base_position, count, segment_size,
+                                                       segment_hash):
+                raise BadFrameCopy(path, "it is the copy of another segment (or of this one"
+                              " before it was changed)")
+            copy = cls(path, buf, events, frames_length, sums_at)
+            if events and copy.ends[events - 1] != frames_length:
+                copy.close()
+                raise BadFrameCopy(path, "its ends do not match its frames")
+            return copy
+        except BaseException:
+            close_map(buf)
+            raise
+
+    def span(self, first: int, stop: int, budget: int, at_least_one: bool):
+        """The frames of events (segment entries) ``first`` .. as far before ``stop``
+        as ``budget`` bytes allow (at least one if ``at_least_one``), as one view:
+        (events taken, view or None). Raises :class:`BadFrameCopy` for a damaged block."""
+        ends = self.ends
+        start = ends[first - 1] if first else 0
+        k = bisect.bisect_right(ends, start + budget, first, stop)
+        if k == first and at_least_one:
+            k = first + 1
+        if k == first:
+            return 0, None
+        end = ends[k - 1]
+        self._check(start, end)
+        return k - first, self.frames[start:end]
+
+    def _check(self, start: int, end: int) -> None:
+        verified = self.verified
+        for block in range(start // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+            if not verified[block]:
+                at = block * BLOCK_SIZE
+                data = self.frames[at:min(at + BLOCK_SIZE, self.frames_length)]
+                if fmt.checksum(data) != self.block_sums[block]:
+                    raise BadFrameCopy(self.path, f"block {block} (bytes {at} on) fails its"
+                                  " checksum")
+                verified[block] = 1
+
+    def verify(self, log_buf, index_buf) -> None:
+        """Check the whole copy against its segment (``log_buf``, a map of it) and the
+        segment's position index (``index_buf``, checked against the log by the
+        caller): every block sum, every end, every frame. Raises
+        :class:`BadFrameCopy` naming the first event that differs. ``meilies-fsck``."""
+        if self.frames_length:
+            self._check(0, self.frames_length)
+        with memoryview(index_buf) as raw, raw.cast("I") as words:
+            for first in range(0, self.count, VERIFY_BATCH):
+                stop = min(self.count, first + VERIFY_BATCH)
+                lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
+                lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
+                at = self.ends[first - 1] if first else 0
+                ends = array("I", _ends(at, lengths))
+                if self.ends[first:stop] != ends:
+                    k = first + next(i for i, (a, b) in enumerate(
+                        zip(self.ends[first:stop], ends)) if a != b)
+                    raise BadFrameCopy(self.path, f"the end of event {k}'s frame is wrong")
+                starts, sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths)
+                expected = b"".join([log_buf[a:a + n] for a, n in zip(starts, sizes)])
+                if self.frames[at:ends[-1]] != expected:
+                    offsets = words[lo + FRAME_OFFSET_WORD:hi:WORDS_PER_ENTRY].tolist()
+                    for k, (offset, length) in enumerate(zip(offsets, lengths), first):
+                        end = self.ends[k]
+                        if self.frames[end - length:end] != log_buf[offset:offset + length]:
+                            raise BadFrameCopy(self.path, f"the frame of event {k} (position"
+                                               f" delta {k}) differs from the log")
+
+    def close(self) -> None:
+        for view in (self.ends, self.block_sums, self.frames):
+            view.release()
+        close_map(self._map)
+
+
+def _ends(at: int, lengths: list[int]) -> Iterator[int]:
+    """Where frames of ``lengths`` end when the first starts at ``at``."""
+    sums = accumulate(lengths, initial=at)
+    next(sums)
+    return sums
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with memoryview(data) as view:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
