@@ -145,7 +145,9 @@ def _summary(report: fsck.FsckReport) -> str:
     good = "good " if report.removal is not None else ""
     return (f"{report.path}: {report.segments} segments, {report.streams} streams,"
             f" {report.events} {good}events, {report.bytes} bytes of log,"
-            f" {report.index_bytes} bytes of indexes; checked in {report.seconds:.2f}s"
+            f" {report.index_bytes} bytes of indexes"
+            + (f", {report.frame_copy_bytes} of frame copies" if report.frame_copy_bytes else "")
+            + f"; checked in {report.seconds:.2f}s"
             f" ({report.events_per_second:,.0f} events/s)")
 
 

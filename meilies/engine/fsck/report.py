@@ -239,6 +239,8 @@ class FsckReport:
     bytes: int = 0
     #: Bytes of index files.
     index_bytes: int = 0
+    #: Bytes of frame copies (framecopy.py), not counted in ``index_bytes``.
+    frame_copy_bytes: int = 0
     seconds: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     #: Observations that are not problems (a stale checkpoint, a short newest index...).
@@ -266,7 +268,8 @@ class FsckReport:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "clean": self.clean, "segments": self.segments,
                 "streams": self.streams, "events": self.events, "bytes": self.bytes,
-                "index_bytes": self.index_bytes, "seconds": round(self.seconds, 6),
+                "index_bytes": self.index_bytes, "frame_copy_bytes": self.frame_copy_bytes,
+                "seconds": round(self.seconds, 6),
                 "problems": [p.to_dict() for p in self.problems], "notes": self.notes,
                 "removal": self.removal.to_dict() if self.removal else None,
                 "repair": self.repair.to_dict() if self.repair else None,

@@ -17,7 +17,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from .. import format as fmt
 from ..errors import BadFrameCopy, CorruptIndex
-from ..files import (checkpoint_path, frame_copy_path, id_state_path, position_index_path,
+from ..files import (FRAME_COPY_SUFFIX, checkpoint_path, frame_copy_path, id_state_path, position_index_path,
                      segment_path, stream_index_path)
 from ..framecopy import SealedCopy
 from ..ids import IdIndex, tag_of
@@ -144,7 +144,11 @@ class _Verifier:
         report.streams = len(self.names)
         report.events = self.position
         report.index_bytes = sum(_size(self.directory / name)
-                                 for _b, name in listing.index_files)
+                                 for _b, name in listing.index_files
+                                 if not name.endswith(FRAME_COPY_SUFFIX))
+        report.frame_copy_bytes = sum(_size(self.directory / name)
+                                      for _b, name in listing.index_files
+                                      if name.endswith(FRAME_COPY_SUFFIX))
         report.seconds = time.monotonic() - started
         return report
 
