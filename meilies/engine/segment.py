@@ -141,7 +141,6 @@ class Segment:
         """
         assert isinstance(self.index, ActiveIndex) and self._fd is not None
         self.sync()
-        self._seal_copy()
         entries = bytes(self.index.entries)
         sidx = sorted_stream_index(entries)
         for path, data in ((position_index_path(self.directory, self.base_position), entries),
@@ -150,6 +149,7 @@ class Segment:
                 write_file(path, data)
             except OSError as exc:  # still active: a later roll tries again
                 raise StorageError(path, "write", exc) from exc
+        self._seal_copy()  # after the indexes: a failed seal leaves the segment active
         os.close(self._fd)
         self._fd = None
         self.state = SegmentState(self.base_position, self.size, len(entries) // 24,

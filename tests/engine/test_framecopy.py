@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from engine_helpers import crash_copy, flip_byte, truncate_file
-from meilies.engine import Engine
+from meilies.engine import Engine, StorageError
 from meilies.engine import fsck
 from meilies.engine.files import frame_copy_path
 from meilies.engine.framecopy import COPY_BATCH, COPY_TEST, FOOTER_SIZE, SealedCopy
@@ -261,3 +261,31 @@ def test_a_copy_that_cannot_be_written_is_given_up_and_appends_go_on(tmp_path, c
         assert len(frames) == COPY_BATCH + 5
         assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
         (tmp_path / "00000000000000000000.frm.tmp").rmdir()
+
+
+def test_a_seal_that_fails_keeps_the_copy_growing_and_a_later_roll_seals_it(tmp_path):
+    """A roll whose index cannot be written fails the append that rolled; the segment
+    stays active with its copy, and the next roll seals both."""
+    segment_size = 512 * 1024
+    with Engine.open(tmp_path, fsync="no", segment_size=segment_size) as engine:
+        blocker = tmp_path / "00000000000000000000.pidx.tmp"
+        blocker.mkdir()  # write_file() cannot create its temporary file
+        failed = 0
+        i = 0
+        while not failed:
+            try:
+                engine.append(b"s%d" % (i % 3), [(b"e", b"%060d" % i)])
+            except StorageError:  # the failed roll's
+                failed += 1
+            i += 1
+        assert len(engine.segments) == 1
+        assert engine.segments[0].frame_copy().copied >= COPY_BATCH
+        blocker.rmdir()
+        for j in range(3 * COPY_BATCH):
+            engine.append(b"s%d" % (j % 3), [(b"e", b"%060d" % j)])
+        engine.sync()
+        assert len(engine.segments) >= 2
+        assert isinstance(engine.segments[0].frame_copy(), SealedCopy)
+        frames = log_frames(engine)
+        assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
+    assert fsck.verify(tmp_path).clean
