@@ -29,17 +29,21 @@ Scenarios (``--only``):
   request. ``--pin split`` (one core each) and ``--pin none`` are there to compare.
   Target: ratio >= 1.
 * ``catchup_singles``: catching up on events that were published one at a time, each
-  its own record on MeiliES. 1,000,000 events (``--quick``: 100,000) are published by
-  4 connections pipelining 60 ``publish`` each, alternating stream ``solo`` with 15
-  others ``c-0`` .. ``c-14`` (``solo, c-0, solo, c-1, ...``), so that no two
-  consecutive publishes of one read go to one stream (MeiliES stores a read's run of
-  publishes to one stream as one record; alternating keeps one record per event). Half
-  the events are in ``solo``. Redis holds the same events in one stream key ``all``
-  (every event) and ``solo`` in a key of its own. Measured:
-  ``all``: ``subscribe $all@0`` until every stored event has arrived, against
+  its own record on MeiliES. 1,000,000 events (``--quick``: 100,000). The first half
+  are published by 4 connections pipelining 60 ``publish`` each, alternating stream
+  ``solo`` with 15 others ``c-0`` .. ``c-14`` (``solo, c-0, solo, c-1, ...``), so that
+  no two consecutive publishes of one read go to one stream (MeiliES stores a read's
+  run of publishes to one stream as one record; alternating keeps one record per
+  event); a quarter of the events are in ``solo``, each between two of other streams.
+  The second half go to stream ``run``, by 8 connections with one ``publish`` in
+  flight each (one record per event again), so that ``run``'s events are consecutive
+  positions: an aggregate or a topic written alone. Redis holds the same events in one
+  stream key ``all`` (every event), and ``solo`` and ``run`` in keys of their own.
+  Measured: ``all``: ``subscribe $all@0`` until every stored event has arrived, against
   ``XRANGE all - + COUNT 10000`` pages (``(<last id>`` onwards, as bench_server.py's
-  replay); ``one_stream``: ``subscribe solo:0`` against the same pages of ``solo``.
-  Events/s. Target: ratio >= 2.
+  replay); ``one_stream``: ``subscribe solo:0`` against the same pages of ``solo``;
+  ``own_stream``: ``subscribe run:0`` against pages of ``run``. Events/s. Target:
+  ratio >= 2.
 * ``range_big``: one ``range big - + COUNT 100000`` over 100,000 events published one
   at a time (alternating ``big`` and ``other``) against ``XRANGE big - + COUNT 100000``;
   events/s, and each server's memory around the reply: VmRSS before, the peak VmRSS
@@ -505,6 +509,19 @@ def load_alternating(server, pattern: list[bytes], total: int, depth: int, conns
     return counts, total / (time.perf_counter() - t)
 
 
+#: Connections publishing ``run`` in catchup_singles, one request in flight each.
+RUN_CONNS = 8
+
+
+def load_one_stream(server, stream: bytes, total: int, conns: int, limit: float) -> float:
+    """Publish ``total`` events to ``stream``, one request in flight per connection (so
+    one record per event); returns the publishes/s."""
+    request = command(b"publish", stream, EVENT_NAME, DATA)
+    t = time.perf_counter()
+    pipeline(server.port, ((request, 1) for _ in range(total)), conns, limit)
+    return total / (time.perf_counter() - t)
+
+
 def load_redis(server, counts: dict[bytes, int], limit: float) -> float:
     """XADD ``counts[key]`` entries to each key; returns entries/s."""
     def requests():
@@ -717,38 +734,50 @@ def scenario_aggregate(cfg: Settings, workdir: Path, results: dict, cpu_notes: d
 
 def scenario_catchup(cfg: Settings, workdir: Path, results: dict, cpu_notes: dict) -> None:
     total = cfg.catchup_events
+    alternating = total // 2
     pattern = []
     for j in range(15):
         pattern += [b"solo", b"c-%d" % j]
     servers = start_pair(workdir, "catchup")
     try:
-        log(f"catchup_singles: publishing {total:,} events one request each into meilies "
-            f"({cfg.catchup_conns} connections, depth {cfg.catchup_depth}, streams "
+        log(f"catchup_singles: publishing {alternating:,} events one request each into "
+            f"meilies ({cfg.catchup_conns} connections, depth {cfg.catchup_depth}, streams "
             f"alternating)")
-        counts, m_rate = load_alternating(servers["meilies"], pattern, total,
+        counts, m_rate = load_alternating(servers["meilies"], pattern, alternating,
                                           cfg.catchup_depth, cfg.catchup_conns,
                                           cfg.loop_limit)
-        check_meilies(servers["meilies"].port, counts)
         solo = counts[b"solo"]
-        log(f"catchup_singles: meilies took {m_rate:,.0f} publishes/s; loading redis "
-            f"(all: {total:,}, solo: {solo:,})")
-        r_rate = load_redis(servers["redis"], {b"all": total, b"solo": solo}, cfg.loop_limit)
+        own = total - alternating
+        log(f"catchup_singles: meilies took {m_rate:,.0f} publishes/s; publishing {own:,}"
+            f" into run ({RUN_CONNS} connections, depth 1)")
+        own_rate = load_one_stream(servers["meilies"], b"run", own, RUN_CONNS, cfg.loop_limit)
+        counts[b"run"] = own
+        check_meilies(servers["meilies"].port, counts)
+        log(f"catchup_singles: meilies took {own_rate:,.0f} publishes/s; loading redis "
+            f"(all: {total:,}, solo: {solo:,}, run: {own:,})")
+        r_rate = load_redis(servers["redis"], {b"all": total, b"solo": solo, b"run": own},
+                            cfg.loop_limit)
         log(f"catchup_singles: redis loaded at {r_rate:,.0f} XADD/s")
 
         confirm_all = b"*2\r\n+subscribed\r\n+$all\r\n"
-        confirm_solo = b"*2\r\n+subscribed\r\n+solo\r\n"
         frames_all = sum(meilies_frames_total(s, EVENT_NAME, 0, n, DATA_LEN)
                          for s, n in counts.items())
-        frames_solo = meilies_frames_total(b"solo", EVENT_NAME, 0, solo, DATA_LEN)
         tail = b"\r\n+%s\r\n$%d\r\n%s\r\n" % (EVENT_NAME, DATA_LEN, DATA)
+
+        def one_stream(name: bytes, events: int):
+            confirm = b"*2\r\n+subscribed\r\n+%s\r\n" % name
+            frames = meilies_frames_total(name, EVENT_NAME, 0, events, DATA_LEN)
+            return (events, name, command(b"subscribe", name + b":0"),
+                    lambda: ByteCount(len(confirm) + frames,
+                                      confirm + EVENT_FRAME + name + b"\r\n:0\r\n",
+                                      b":%d" % (events - 1) + tail))
+
         cases = {
             "all": (total, b"all", command(b"subscribe", b"$all@0"),
                     lambda: ByteCount(len(confirm_all) + frames_all,
                                       confirm_all + EVENT_FRAME, tail)),
-            "one_stream": (solo, b"solo", command(b"subscribe", b"solo:0"),
-                           lambda: ByteCount(len(confirm_solo) + frames_solo,
-                                             confirm_solo + EVENT_FRAME + b"solo\r\n:0\r\n",
-                                             b":%d" % (solo - 1) + tail)),
+            "one_stream": one_stream(b"solo", solo),
+            "own_stream": one_stream(b"run", own),
         }
 
         def measure(kind, server, case):
@@ -807,18 +836,22 @@ def scenario_catchup(cfg: Settings, workdir: Path, results: dict, cpu_notes: dic
     finally:
         for s in servers.values():
             s.stop()
-    out = {"events": total, "events_in_one_stream": solo,
-           "published": f"one publish per event, {cfg.catchup_conns} connections pipelining "
-                        f"{cfg.catchup_depth}, alternating solo with c-0..c-14",
-           "preload_events_per_s": figure(m_rate, r_rate, 1)}
+    out = {"events": total, "events_in_one_stream": solo, "events_in_own_stream": own,
+           "published": f"one publish per event: {alternating:,} by {cfg.catchup_conns}"
+                        f" connections pipelining {cfg.catchup_depth}, alternating solo with"
+                        f" c-0..c-14, then {own:,} to run by {RUN_CONNS} connections at"
+                        " depth 1",
+           "preload_events_per_s": figure(m_rate, r_rate, 1),
+           "run_preload_events_per_s": round(own_rate, 1)}
     for case in cases:
         m, rd = runs[("meilies", case)], runs[("redis", case)]
         name = f"catchup_singles.{case}"
         cpu_notes[name] = {"meilies": median_run(m, "events_per_s")["cpu"],
                            "redis": median_run(rd, "events_per_s")["cpu"]}
         out[case] = {
-            "meilies": ("subscribe $all@0" if case == "all" else "subscribe solo:0"),
-            "redis": f"XRANGE {'all' if case == 'all' else 'solo'} pages of {cfg.page}",
+            "meilies": ("subscribe $all@0" if case == "all"
+                        else f"subscribe {cases[case][1].decode()}:0"),
+            "redis": f"XRANGE {cases[case][1].decode()} pages of {cfg.page}",
             "events": cases[case][0],
             "events_per_s": summarize(f"{name}.events_per_s", m, rd, "events_per_s", 1),
             "mb_per_s": summarize(f"{name}.mb_per_s", m, rd, "mb_per_s", 2),

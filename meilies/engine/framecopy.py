@@ -108,6 +108,11 @@ class ActiveCopy:
     def frames_length(self) -> int:
         return self.ends[-1] if self.ends else 0
 
+    @property
+    def size(self) -> int:
+        """Bytes on disk (the ends and sums are still in memory)."""
+        return self.frames_length
+
     def extend(self, log_buf, index_buf, stop: int) -> bool:
         """Copy the frames of index entries ``copied`` .. ``stop-1`` (``index_buf``: the
         segment's position index, ``log_buf``: a map of the segment). False when the
@@ -226,6 +231,11 @@ class SealedCopy:
     @property
     def copied(self) -> int:
         return self.count
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk."""
+        return len(self._map)
 
     @classmethod
     def open(cls, path: Path, base_position: int, count: int, segment_size: int,

@@ -57,6 +57,8 @@ class Segment:
         #: The active index's count at which the next part of the copy is made; never
         #: once the copy is given up.
         self._copy_next: int | None = COPY_BATCH
+        #: The size of a sealed segment's copy file while it is not looked at yet.
+        self._copy_file_bytes: int | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -223,6 +225,21 @@ class Segment:
                 if path.exists():
                     self.drop_copy(exc)
         return self.copy
+
+    def copy_bytes(self) -> int:
+        """Bytes of the frame copy on disk (a sealed segment's copy file not looked at
+        yet: its size, found once)."""
+        if self.copy is not None:
+            return self.copy.size
+        if self._copy_looked or self.state is None:
+            return 0
+        if self._copy_file_bytes is None:
+            try:
+                self._copy_file_bytes = os.stat(
+                    frame_copy_path(self.directory, self.base_position)).st_size
+            except FileNotFoundError:
+                self._copy_file_bytes = 0
+        return self._copy_file_bytes
 
     def drop_copy(self, error: BadFrameCopy) -> None:
         """A frame copy failed a check: warn, delete it and read the segment from now on."""
