@@ -44,8 +44,9 @@ touches it. So opening a data directory reads no copy.
 
 The active segment's copy grows in ``<base>.frm.tmp`` (frames only; its ends and block
 sums are kept in memory) and becomes ``<base>.frm`` when the segment is sealed. After a
-crash the ``.tmp`` file is deleted on open and the active segment's copy is made again
-from the log.
+crash (or any close) the ``.tmp`` file is deleted on open and the active segment's copy
+is made again from the log, COPY_STEP events per append, so that opening does not wait
+for it.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ VERSION = 1
 BLOCK_SIZE = 1024 * 1024
 #: The active segment's visible events are copied this many at a time (and at sealing).
 COPY_BATCH = 2048
+#: At most this many events are copied by one step (a copy catching up after an open).
+COPY_STEP = 4 * COPY_BATCH
 #: After this many events of a segment, its copy is given up when its records average
 #: BATCH_RUN events or more (their frames are already runs in the log).
 COPY_TEST = 8192

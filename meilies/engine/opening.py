@@ -88,7 +88,6 @@ class Opening:
             active.activate()
         renewed = self._renew_empty_older_segment(active)
         active = self.segments[-1]
-        active.copy_visible()  # its copy was deleted with the other .tmp files
         self._next_position = self._visible_position = self._durable_position = position
         self._durable_size = active.size
         self.streams.all_visible()

@@ -23,7 +23,7 @@ from .checkpoint import SegmentState
 from .errors import BadFrameCopy, CorruptSegment, StorageError, UnsupportedFormatVersion
 from .files import (frame_copy_path, fsync_directory, position_index_path, segment_path,
                     stream_index_path)
-from .framecopy import COPY_BATCH, ActiveCopy, SealedCopy
+from .framecopy import COPY_BATCH, COPY_STEP, ActiveCopy, SealedCopy
 from .index import ActiveIndex, SealedIndex, close_map, sorted_stream_index, write_file
 
 log = logging.getLogger("meilies.engine")
@@ -185,22 +185,25 @@ class Segment:
             self._give_up_copy(exc)
 
     def copy_visible(self) -> None:
-        """Extend the active segment's frame copy to its visible events (called as they
-        become visible: cheap unless COPY_BATCH of them wait)."""
+        """Extend the active segment's frame copy towards its visible events (called as
+        they become visible: cheap unless COPY_BATCH of them wait). One call copies at
+        most COPY_STEP events, so that a copy that is far behind (the active segment
+        of a directory just opened) catches up over several appends, not in one."""
         next_at = self._copy_next
         if next_at is None or self.index.count < next_at:
             return
         if self.copy is None and not self._start_copy():
             return
         count = self.index.count
+        stop = min(count, self.copy.copied + COPY_STEP)
         try:
-            if not self.copy.extend(self.buffer(self.written), self.index.entries, count):
+            if not self.copy.extend(self.buffer(self.written), self.index.entries, stop):
                 self._give_up_copy(None)
                 return
         except OSError as exc:
             self._give_up_copy(exc)
             return
-        self._copy_next = count + COPY_BATCH
+        self._copy_next = stop + COPY_BATCH if stop == count else stop
 
     def _start_copy(self) -> bool:
         try:

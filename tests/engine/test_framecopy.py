@@ -301,3 +301,23 @@ def test_disk_bytes_counts_the_copies(tmp_path):
         assert engine.stats()["disk_bytes"] == on_disk
         engine.all_spans(0)  # the first copy is opened and checked: still counted once
         assert engine.stats()["disk_bytes"] == on_disk
+
+
+def test_after_an_open_the_active_copy_catches_up_a_step_per_append(tmp_path):
+    from meilies.engine.framecopy import COPY_STEP
+    total = 2 * COPY_STEP + 100
+    with Engine.open(tmp_path, fsync="no", segment_size=64 << 20) as engine:
+        for i in range(total):
+            engine.append(b"s%d" % (i % 2), [(b"e", b"%d" % i)])
+        engine.sync()
+    with Engine.open(tmp_path, fsync="no", segment_size=64 << 20) as engine:
+        active = engine.segments[-1]
+        assert active.frame_copy() is None  # opening made none
+        copied = []
+        for i in range(4):
+            engine.append(b"s0", [(b"e", b"more %d" % i)])
+            copy = active.frame_copy()
+            copied.append(copy.copied)
+            frames = log_frames(engine)
+            assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
+        assert copied == [COPY_STEP, 2 * COPY_STEP, total + 3, total + 3]
