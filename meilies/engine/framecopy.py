@@ -52,7 +52,6 @@ for it.
 from __future__ import annotations
 
 import bisect
-import logging
 import mmap
 import os
 import struct
@@ -65,8 +64,6 @@ from . import format as fmt
 from .errors import BadFrameCopy
 from .index import WORDS_PER_ENTRY, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, close_map
 from .spans import runs
-
-log = logging.getLogger("meilies.engine")
 
 FOOTER = struct.Struct("<8sIIQQQQQQ")
 FOOTER_SIZE = FOOTER.size  # 64
@@ -185,17 +182,13 @@ class ActiveCopy:
         copy.verified[:] = b"\x01" * len(copy.verified)  # written by us just now
         return copy
 
-    def span(self, first: int, stop: int, budget: int, at_least_one: bool):
+    def span(self, first: int, stop: int, budget: int, at_least_one: bool
+             ) -> tuple[int, memoryview | None]:
         """See :meth:`SealedCopy.span`: the same over the copied part."""
-        ends = self.ends
-        start = ends[first - 1] if first else 0
-        k = bisect.bisect_right(ends, start + budget, first, stop)
-        if k == first and at_least_one:
-            k = first + 1
-        if k == first:
+        taken, start, end = _cut(self.ends, first, stop, budget, at_least_one)
+        if not taken:
             return 0, None
-        end = ends[k - 1]
-        return k - first, memoryview(self.buffer(end))[start:end]
+        return taken, memoryview(self.buffer(end))[start:end]
 
     def discard(self) -> None:
         """Give the copy up: close and delete its file."""
@@ -277,20 +270,16 @@ class SealedCopy:
             close_map(buf)
             raise
 
-    def span(self, first: int, stop: int, budget: int, at_least_one: bool):
+    def span(self, first: int, stop: int, budget: int, at_least_one: bool
+             ) -> tuple[int, memoryview | None]:
         """The frames of events (segment entries) ``first`` .. as far before ``stop``
         as ``budget`` bytes allow (at least one if ``at_least_one``), as one view:
         (events taken, view or None). Raises :class:`BadFrameCopy` for a damaged block."""
-        ends = self.ends
-        start = ends[first - 1] if first else 0
-        k = bisect.bisect_right(ends, start + budget, first, stop)
-        if k == first and at_least_one:
-            k = first + 1
-        if k == first:
+        taken, start, end = _cut(self.ends, first, stop, budget, at_least_one)
+        if not taken:
             return 0, None
-        end = ends[k - 1]
         self._check(start, end)
-        return k - first, self.frames[start:end]
+        return taken, self.frames[start:end]
 
     def _check(self, start: int, end: int) -> None:
         verified = self.verified
@@ -335,6 +324,17 @@ class SealedCopy:
         for view in (self.ends, self.block_sums, self.frames):
             view.release()
         close_map(self._map)
+
+
+def _cut(ends, first: int, stop: int, budget: int, at_least_one: bool
+         ) -> tuple[int, int, int]:
+    """How many of events ``first`` .. ``stop - 1`` fit in ``budget`` bytes (at least
+    one if ``at_least_one``), and where their frames start and end in the copy."""
+    start = ends[first - 1] if first else 0
+    k = bisect.bisect_right(ends, start + budget, first, stop)
+    if k == first and at_least_one:
+        k = first + 1
+    return k - first, start, ends[k - 1] if k > first else start
 
 
 def _ends(at: int, lengths: list[int]) -> Iterator[int]:
