@@ -164,7 +164,14 @@ class Segment:
         """Finish the frame copy (or make it, or adopt a file that is already this
         segment's copy) and rename it into place. Best effort: it is derived data."""
         self._copy_looked = True
-        if self._copy_next is None:
+        if self._copy_next is None:  # given up: no copy, nor one left by an earlier seal
+            try:
+                os.unlink(frame_copy_path(self.directory, self.base_position))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # checked, and dropped, when a reader first needs it
+                log.warning("could not delete the old frame copy of %s: %s",
+                            self.path.name, exc)
             return
         count, digest = self.index.count, self.hasher.intdigest()
         if self.copy is None:
