@@ -8,11 +8,12 @@ frames are one slice. A frame copy makes every run of positions one slice, whate
 its records: a ``$all@p`` catch-up, and the catch-up of a stream whose events are
 consecutive positions, read single events the way they read batches.
 
-What it costs. The frames again on disk (for single small events, ~60% more disk for
-the segment), 4 bytes per event, and on the append path one gather per COPY_BATCH
-visible events plus one ``write`` (no fsync). Segments of batches gain nothing from a
-copy, so a copy is given up (and its file deleted) once COPY_TEST events show records
-averaging BATCH_RUN events or more.
+What it costs. The frames again on disk (a 100-byte event published alone: 211 bytes in
+its segment, 142 in the copy), 4 bytes per event, and on the append path one gather per
+COPY_BATCH visible events plus one ``write`` (no fsync). Segments of batches gain
+nothing from a copy: a segment's copy starts at the first window of COPY_BATCH events
+whose records average fewer than BATCH_RUN events, so a segment of batches has none,
+and one that turns to single events has one from there on.
 
 Derived data, never needed for correctness. Nothing is fsynced: a copy is checked
 before it is trusted, and any copy that fails a check is dropped (with a warning) and
@@ -21,21 +22,24 @@ a copy that cannot be written is given up, and the append goes on.
 
 File layout (``<base>.frm``, written whole when the segment is sealed; little-endian)::
 
-    frames      every frame of the segment, in position order, back to back
-    ends        count x u32: ends[k] = where event k's frame ends in ``frames``
+    frames      the frames of entries ``first`` .. the segment's last, in position
+                order, back to back
+    ends        count x u32: ends[k] = where the frame of entry ``first + k`` ends in
+                ``frames``
     block_sums  ceil(frames_length / block_size) x u64: xxh3_64 of each block_size
                 bytes of ``frames`` (the last block may be shorter)
-    footer (64 bytes):
+    footer (72 bytes):
         offset size field
         0      8    magic = "MEILIEFC"
         8      4    version = 1
         12     4    block_size (bytes)
         16     8    base_position: the segment's
-        24     8    count: events
-        32     8    frames_length: bytes of ``frames``
-        40     8    segment_size: the segment's size in bytes
-        48     8    segment_hash: xxh3_64 of the whole segment file (the checkpoint's)
-        56     8    checksum = xxh3_64(ends, block_sums, footer[0:56])
+        24     8    first: the first entry (position delta) copied
+        32     8    count: entries copied (first + count = the segment's events)
+        40     8    frames_length: bytes of ``frames``
+        48     8    segment_size: the segment's size in bytes
+        56     8    segment_hash: xxh3_64 of the whole segment file (the checkpoint's)
+        64     8    checksum = xxh3_64(ends, block_sums, footer[0:64])
 
 A copy belongs to exactly the segment whose size and hash its footer names (a segment
 ``meilies-fsck --repair`` cut or rewrote has another). The footer and the tables are
@@ -65,8 +69,8 @@ from .errors import BadFrameCopy
 from .index import WORDS_PER_ENTRY, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, close_map
 from .spans import runs
 
-FOOTER = struct.Struct("<8sIIQQQQQQ")
-FOOTER_SIZE = FOOTER.size  # 64
+FOOTER = struct.Struct("<8sIIQQQQQQQ")
+FOOTER_SIZE = FOOTER.size  # 72
 MAGIC = b"MEILIEFC"
 VERSION = 1
 #: Bytes of frames per checked block: what a reader hashes the first time it touches one.
@@ -75,9 +79,8 @@ BLOCK_SIZE = 1024 * 1024
 COPY_BATCH = 2048
 #: At most this many events are copied by one step (a copy catching up after an open).
 COPY_STEP = 4 * COPY_BATCH
-#: After this many events of a segment, its copy is given up when its records average
-#: BATCH_RUN events or more (their frames are already runs in the log).
-COPY_TEST = 8192
+#: A copy starts at the first window of events whose records average fewer than this
+#: many events (a record's frames are one run in the log already).
 BATCH_RUN = 8
 #: Events compared at a time by :meth:`SealedCopy.verify`.
 VERIFY_BATCH = 65536
@@ -86,23 +89,24 @@ VERIFY_BATCH = 65536
 class ActiveCopy:
     """The copy of the active segment, growing in ``<base>.frm.tmp``."""
 
-    def __init__(self, path: Path, base_position: int) -> None:
+    def __init__(self, path: Path, base_position: int, first: int) -> None:
         self.path = path
         self.tmp_path = path.with_name(path.name + ".tmp")
         self.base_position = base_position
-        #: ends[k]: where event k's frame ends in the copy.
+        #: The first entry (position delta) of the segment the copy holds.
+        self.first = first
+        #: ends[k]: where the frame of entry ``first + k`` ends in the copy.
         self.ends = array("I")
         self.block_sums = array("Q")
         self._block = fmt.Hasher()
         self._block_fill = 0
-        self._runs = 0
         self._map: mmap.mmap | None = None
         self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
     @property
     def copied(self) -> int:
-        """Events copied: entries 0 .. copied-1 of the segment are readable here."""
-        return len(self.ends)
+        """Entries ``first`` .. ``copied - 1`` of the segment are readable here."""
+        return self.first + len(self.ends)
 
     @property
     def frames_length(self) -> int:
@@ -113,28 +117,23 @@ class ActiveCopy:
         """Bytes on disk (the ends and sums are still in memory)."""
         return self.frames_length
 
-    def extend(self, log_buf, index_buf, stop: int) -> bool:
+    def extend(self, log_buf, index_buf, stop: int) -> None:
         """Copy the frames of index entries ``copied`` .. ``stop-1`` (``index_buf``: the
-        segment's position index, ``log_buf``: a map of the segment). False when the
-        copy should be given up (a segment of batches)."""
+        segment's position index, ``log_buf``: a map of the segment)."""
         first = self.copied
         if stop <= first:
-            return True
+            return
         with memoryview(index_buf) as raw, raw.cast("I") as words:
             lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
             lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
             total = sum(lengths)
             starts, sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths,
                                  total)
-        self._runs += len(starts)
-        if stop >= COPY_TEST and self._runs * BATCH_RUN <= stop:
-            return False
         data = b"".join([log_buf[a:a + n] for a, n in zip(starts, sizes)])
         at = self.frames_length
         _write_all(self._fd, data)
         self.ends.extend(_ends(at, lengths))
         self._hash(data)
-        return True
 
     def _hash(self, data: bytes) -> None:
         """Feed ``data`` (the copy's next bytes) to the block sums."""
@@ -167,8 +166,9 @@ class ActiveCopy:
         if self._block_fill:
             sums.append(self._block.intdigest())
         tables = self.ends.tobytes() + sums.tobytes()
-        fields = FOOTER.pack(MAGIC, VERSION, BLOCK_SIZE, self.base_position, self.copied,
-                             self.frames_length, segment_size, segment_hash, 0)[:56]
+        fields = FOOTER.pack(MAGIC, VERSION, BLOCK_SIZE, self.base_position, self.first,
+                             len(self.ends), self.frames_length, segment_size, segment_hash,
+                             0)[:FOOTER_SIZE - 8]
         checksum = fmt.checksum(tables + fields)
         _write_all(self._fd, tables + fields + checksum.to_bytes(8, "little"))
         os.close(self._fd)
@@ -185,7 +185,8 @@ class ActiveCopy:
     def span(self, first: int, stop: int, budget: int, at_least_one: bool
              ) -> tuple[int, memoryview | None]:
         """See :meth:`SealedCopy.span`: the same over the copied part."""
-        taken, start, end = _cut(self.ends, first, stop, budget, at_least_one)
+        taken, start, end = _cut(self.ends, first - self.first, stop - self.first, budget,
+                                 at_least_one)
         if not taken:
             return 0, None
         return taken, memoryview(self.buffer(end))[start:end]
@@ -210,10 +211,12 @@ class ActiveCopy:
 class SealedCopy:
     """The checked copy of a sealed segment, mapped read-only."""
 
-    def __init__(self, path: Path, buf: mmap.mmap, count: int, frames_length: int,
-                 sums_at: int) -> None:
+    def __init__(self, path: Path, buf: mmap.mmap, first: int, count: int,
+                 frames_length: int, sums_at: int) -> None:
         self.path = path
         self._map = buf
+        #: Entries ``first`` .. ``first + count - 1`` (the segment's last) are here.
+        self.first = first
         self.count = count
         self.frames_length = frames_length
         view = memoryview(buf)
@@ -226,7 +229,7 @@ class SealedCopy:
 
     @property
     def copied(self) -> int:
-        return self.count
+        return self.first + self.count
 
     @property
     def size(self) -> int:
@@ -236,8 +239,9 @@ class SealedCopy:
     @classmethod
     def open(cls, path: Path, base_position: int, count: int, segment_size: int,
              segment_hash: int) -> SealedCopy:
-        """Map and check the copy at ``path`` for the segment described; raise
-        :class:`BadFrameCopy` when it is not that segment's whole, undamaged copy."""
+        """Map and check the copy at ``path`` for the segment described (``count``: its
+        events); raise :class:`BadFrameCopy` when it is not that segment's undamaged
+        copy, up to its last event."""
         try:
             with open(path, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
@@ -247,8 +251,8 @@ class SealedCopy:
         except OSError as exc:
             raise BadFrameCopy(path, f"cannot be read: {exc.strerror or exc}") from exc
         try:
-            (magic, version, block_size, base, events, frames_length, seg_size, seg_hash,
-             checksum) = FOOTER.unpack_from(buf, size - FOOTER_SIZE)
+            (magic, version, block_size, base, first, events, frames_length, seg_size,
+             seg_hash, checksum) = FOOTER.unpack_from(buf, size - FOOTER_SIZE)
             if magic != MAGIC or version != VERSION or block_size != BLOCK_SIZE:
                 raise BadFrameCopy(path, "not a frame copy of this version")
             blocks = -(-frames_length // BLOCK_SIZE)
@@ -257,11 +261,11 @@ class SealedCopy:
                 raise BadFrameCopy(path, "its size does not match its footer")
             if fmt.checksum(memoryview(buf)[frames_length:size - 8]) != checksum:
                 raise BadFrameCopy(path, "its footer or tables fail their checksum")
-            if (base, events, seg_size, seg_hash) != (base_position, count, segment_size,
-                                                       segment_hash):
+            if (base, first + events, seg_size, seg_hash) != (base_position, count,
+                                                               segment_size, segment_hash):
                 raise BadFrameCopy(path, "it is the copy of another segment (or of this one"
                               " before it was changed)")
-            copy = cls(path, buf, events, frames_length, sums_at)
+            copy = cls(path, buf, first, events, frames_length, sums_at)
             if events and copy.ends[events - 1] != frames_length:
                 copy.close()
                 raise BadFrameCopy(path, "its ends do not match its frames")
@@ -275,7 +279,8 @@ class SealedCopy:
         """The frames of events (segment entries) ``first`` .. as far before ``stop``
         as ``budget`` bytes allow (at least one if ``at_least_one``), as one view:
         (events taken, view or None). Raises :class:`BadFrameCopy` for a damaged block."""
-        taken, start, end = _cut(self.ends, first, stop, budget, at_least_one)
+        taken, start, end = _cut(self.ends, first - self.first, stop - self.first, budget,
+                                 at_least_one)
         if not taken:
             return 0, None
         self._check(start, end)
@@ -302,12 +307,13 @@ class SealedCopy:
         with memoryview(index_buf) as raw, raw.cast("I") as words:
             for first in range(0, self.count, VERIFY_BATCH):
                 stop = min(self.count, first + VERIFY_BATCH)
-                lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
+                lo = (self.first + first) * WORDS_PER_ENTRY
+                hi = (self.first + stop) * WORDS_PER_ENTRY
                 lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
                 at = self.ends[first - 1] if first else 0
                 ends = array("I", _ends(at, lengths))
                 if self.ends[first:stop] != ends:
-                    k = first + next(i for i, (a, b) in enumerate(
+                    k = self.first + first + next(i for i, (a, b) in enumerate(
                         zip(self.ends[first:stop], ends)) if a != b)
                     raise BadFrameCopy(self.path, f"the end of event {k}'s frame is wrong")
                 starts, sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths)
@@ -317,13 +323,26 @@ class SealedCopy:
                     for k, (offset, length) in enumerate(zip(offsets, lengths), first):
                         end = self.ends[k]
                         if self.frames[end - length:end] != log_buf[offset:offset + length]:
-                            raise BadFrameCopy(self.path, f"the frame of event {k} (position"
-                                               f" delta {k}) differs from the log")
+                            raise BadFrameCopy(self.path, f"the frame of event"
+                                               f" {self.first + k} (position delta"
+                                               f" {self.first + k}) differs from the log")
 
     def close(self) -> None:
         for view in (self.ends, self.block_sums, self.frames):
             view.release()
         close_map(self._map)
+
+
+def mostly_single_events(index_buf, first: int, stop: int) -> bool:
+    """Whether the records holding entries ``first`` .. ``stop - 1`` of a position index
+    average fewer than BATCH_RUN events: the window a copy is worth starting at."""
+    if stop <= first:
+        return False
+    with memoryview(index_buf) as raw, raw.cast("I") as words:
+        lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
+        lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
+        starts, _sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths)
+    return len(starts) * BATCH_RUN > stop - first
 
 
 def _cut(ends, first: int, stop: int, budget: int, at_least_one: bool

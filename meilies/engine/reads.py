@@ -212,7 +212,7 @@ def _from_copy(segment: Segment, first_delta: int, last_delta: int, count: int, 
     if last_delta - first_delta != count - 1:
         return None
     copy = segment.frame_copy()
-    if copy is None or last_delta >= copy.copied:
+    if copy is None or first_delta < copy.first or last_delta >= copy.copied:
         return None
     try:
         taken, view = copy.span(first_delta, last_delta + 1, budget, at_least_one)
@@ -277,7 +277,7 @@ def all_spans(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EV
     segment, first, stop = found
     budget = _NO_BUDGET if max_bytes is None else max_bytes
     copy = segment.frame_copy()
-    if copy is not None and first < copy.copied:
+    if copy is not None and copy.first <= first < copy.copied:
         try:  # as far as the copy goes; the events after it come with the next call
             taken, view = copy.span(first, min(stop, copy.copied), budget, True)
             return [view], segment.base_position + first + taken

@@ -23,7 +23,7 @@ from .checkpoint import SegmentState
 from .errors import BadFrameCopy, CorruptSegment, StorageError, UnsupportedFormatVersion
 from .files import (frame_copy_path, fsync_directory, position_index_path, segment_path,
                     stream_index_path)
-from .framecopy import COPY_BATCH, COPY_STEP, ActiveCopy, SealedCopy
+from .framecopy import COPY_BATCH, COPY_STEP, ActiveCopy, SealedCopy, mostly_single_events
 from .index import ActiveIndex, SealedIndex, close_map, sorted_stream_index, write_file
 
 log = logging.getLogger("meilies.engine")
@@ -54,9 +54,11 @@ class Segment:
         self.copy: ActiveCopy | SealedCopy | None = None
         #: False until a sealed segment's copy file was looked at (it is, at first use).
         self._copy_looked = False
-        #: The active index's count at which the next part of the copy is made; never
-        #: once the copy is given up.
+        #: The active index's count at which the next part of the copy is made (or the
+        #: next window looked at, before it starts); None once the copy is given up.
         self._copy_next: int | None = COPY_BATCH
+        #: Before a copy starts: the entries before this were of batches (no copy).
+        self._copy_checked = 0
         #: The size of a sealed segment's copy file while it is not looked at yet.
         self._copy_file_bytes: int | None = None
 
@@ -164,29 +166,28 @@ class Segment:
         """Finish the frame copy (or make it, or adopt a file that is already this
         segment's copy) and rename it into place. Best effort: it is derived data."""
         self._copy_looked = True
-        if self._copy_next is None:  # given up: no copy, nor one left by an earlier seal
+        count, digest = self.index.count, self.hasher.intdigest()
+        path = frame_copy_path(self.directory, self.base_position)
+        if self._copy_next is not None and self.copy is None:
+            try:  # sealed once already (a crash before the checkpoint said so)
+                self.copy = SealedCopy.open(path, self.base_position, count, self.size, digest)
+                return
+            except BadFrameCopy:
+                pass  # none, or not this segment's
+            start = self._copy_checked
+            if mostly_single_events(self.index.entries, start, count):
+                self._start_copy(start)
+        if self.copy is None:  # none, nor one left by an earlier seal of this segment
             try:
-                os.unlink(frame_copy_path(self.directory, self.base_position))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
             except OSError as exc:  # checked, and dropped, when a reader first needs it
                 log.warning("could not delete the old frame copy of %s: %s",
                             self.path.name, exc)
             return
-        count, digest = self.index.count, self.hasher.intdigest()
-        if self.copy is None:
-            try:
-                self.copy = SealedCopy.open(frame_copy_path(self.directory, self.base_position),
-                                            self.base_position, count, self.size, digest)
-                return
-            except BadFrameCopy:
-                pass  # none, or not this segment's: make it
-        if self.copy is None and not self._start_copy():
-            return
         try:
-            if not self.copy.extend(self.buffer(self.written), self.index.entries, count):
-                self._give_up_copy(None)
-                return
+            self.copy.extend(self.buffer(self.written), self.index.entries, count)
             self.copy = self.copy.seal(self.size, digest)
         except (OSError, BadFrameCopy) as exc:
             self._give_up_copy(exc)
@@ -197,25 +198,30 @@ class Segment:
         most COPY_STEP events, so that a copy that is far behind (the active segment
         of a directory just opened) catches up over several appends, not in one."""
         next_at = self._copy_next
-        if next_at is None or self.index.count < next_at:
-            return
-        if self.copy is None and not self._start_copy():
-            return
         count = self.index.count
+        if next_at is None or count < next_at:
+            return
+        if self.copy is None:  # not started: is the next window worth it?
+            start = self._copy_checked
+            stop = min(count, start + COPY_STEP)
+            if not mostly_single_events(self.index.entries, start, stop):
+                self._copy_checked = stop
+                self._copy_next = stop + COPY_BATCH if stop == count else stop
+                return
+            if not self._start_copy(start):
+                return
         stop = min(count, self.copy.copied + COPY_STEP)
         try:
-            if not self.copy.extend(self.buffer(self.written), self.index.entries, stop):
-                self._give_up_copy(None)
-                return
+            self.copy.extend(self.buffer(self.written), self.index.entries, stop)
         except OSError as exc:
             self._give_up_copy(exc)
             return
         self._copy_next = stop + COPY_BATCH if stop == count else stop
 
-    def _start_copy(self) -> bool:
+    def _start_copy(self, first: int) -> bool:
         try:
             self.copy = ActiveCopy(frame_copy_path(self.directory, self.base_position),
-                                   self.base_position)
+                                   self.base_position, first)
         except OSError as exc:
             self._give_up_copy(exc)
             return False
@@ -266,11 +272,10 @@ class Segment:
         except OSError as exc:  # it is checked again, and dropped, at the next open
             log.warning("could not delete %s: %s", error.path, exc)
 
-    def _give_up_copy(self, error: OSError | BadFrameCopy | None) -> None:
-        """Stop copying (a segment of batches, or a copy that cannot be written)."""
-        if error is not None:
-            log.warning("giving up the frame copy of %s (reads use the segment): %s",
-                        self.path.name, error)
+    def _give_up_copy(self, error: OSError | BadFrameCopy) -> None:
+        """Stop copying: the copy cannot be written."""
+        log.warning("giving up the frame copy of %s (reads use the segment): %s",
+                    self.path.name, error)
         copy, self.copy = self.copy, None
         self._copy_next = None
         if isinstance(copy, ActiveCopy):

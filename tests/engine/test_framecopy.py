@@ -20,7 +20,7 @@ from engine_helpers import crash_copy, flip_byte, truncate_file
 from meilies.engine import Engine, StorageError
 from meilies.engine import fsck
 from meilies.engine.files import frame_copy_path
-from meilies.engine.framecopy import COPY_BATCH, COPY_TEST, FOOTER_SIZE, SealedCopy
+from meilies.engine.framecopy import COPY_BATCH, COPY_STEP, FOOTER_SIZE, SealedCopy
 
 SEGMENT_SIZE = 256 * 1024
 
@@ -230,22 +230,54 @@ def rewrite_copy(path: Path, frames: bytes, ends: bytes, state) -> None:
     from meilies.engine.framecopy import BLOCK_SIZE, FOOTER, MAGIC, VERSION
     sums = array("Q", (fmt.checksum(frames[at:at + BLOCK_SIZE])
                        for at in range(0, len(frames), BLOCK_SIZE)))
-    fields = FOOTER.pack(MAGIC, VERSION, BLOCK_SIZE, state.base_position, state.event_count,
-                         len(frames), state.size, state.segment_hash, 0)[:56]
+    fields = FOOTER.pack(MAGIC, VERSION, BLOCK_SIZE, state.base_position, 0, state.event_count,
+                         len(frames), state.size, state.segment_hash, 0)[:FOOTER_SIZE - 8]
     tables = ends + sums.tobytes()
     path.write_bytes(frames + tables + fields
                      + fmt.checksum(tables + fields).to_bytes(8, "little"))
 
 
 def test_a_segment_of_batches_gets_no_copy(tmp_path):
-    with Engine.open(tmp_path, fsync="no", segment_size=4 << 20) as engine:
-        for i in range(COPY_TEST // 10 + 300):
+    with Engine.open(tmp_path, fsync="no", segment_size=1 << 20) as engine:
+        for i in range(3 * COPY_STEP // 10):
             engine.append(b"b%d" % (i % 3), [(b"e", b"x" * 20) for _ in range(10)])
         engine.sync()
-        assert engine.segments[-1].frame_copy() is None
+        assert len(engine.segments) >= 2
+        assert all(s.frame_copy() is None for s in engine.segments)
         assert not list(tmp_path.glob("*.frm*"))
         frames = log_frames(engine)
         assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
+
+
+@pytest.mark.parametrize("segment_size", [64 << 20, 2 << 20])
+def test_a_segment_that_turns_to_single_events_is_copied_from_there(tmp_path, segment_size):
+    """Batches first, then single events: the copy starts at the first window of single
+    events (the active segment's, and a sealed one's through its footer's ``first``)."""
+    with Engine.open(tmp_path, fsync="no", segment_size=segment_size) as engine:
+        for i in range(1000):
+            engine.append(b"b%d" % (i % 3), [(b"e", b"x" * 20) for _ in range(10)])
+        for i in range(3 * COPY_STEP):
+            engine.append(b"s%d" % (i % 5), [(b"e", b"%040d" % i)])
+        engine.sync()
+        first = engine.segments[0]
+        copy = first.frame_copy()
+        assert copy is not None and 0 < copy.first <= 10_000 + COPY_BATCH
+        frames = log_frames(engine)
+        views, after = engine.all_spans(copy.first, max_events=1 << 30, max_bytes=1 << 30)
+        assert len(views) == 1 and after == first.base_position + copy.copied
+        rng = random.Random(3)
+        check_catch_ups(engine, frames, rng)
+        assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
+    assert fsck.verify(tmp_path).clean
+    with Engine.open(tmp_path, fsync="no", segment_size=segment_size) as engine:
+        if engine.segments[0].is_active:  # made again, a step per append, from a window
+            for i in range(3):
+                engine.append(b"s0", [(b"e", b"after %d" % i)])
+            assert engine.segments[0].frame_copy().first >= COPY_STEP
+            frames = log_frames(engine)
+        else:
+            assert engine.segments[0].frame_copy().first == copy.first
+        check_catch_ups(engine, frames, rng)
 
 
 def test_a_copy_that_cannot_be_written_is_given_up_and_appends_go_on(tmp_path, caplog):
