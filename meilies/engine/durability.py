@@ -200,7 +200,7 @@ class Durability:
             self._index_visible_ids()
         del pending[:count]
         self._written_pending = max(0, self._written_pending - count)
-        self.segments[-1].copy_visible()
+        self.segments[-1].copies.follow()
         for listener in self._listeners:
             listener(changed)
 

@@ -56,6 +56,7 @@ for it.
 from __future__ import annotations
 
 import bisect
+import logging
 import mmap
 import os
 import struct
@@ -63,11 +64,18 @@ from array import array
 from collections.abc import Iterator
 from itertools import accumulate
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import format as fmt
 from .errors import BadFrameCopy
+from .files import frame_copy_path
 from .index import WORDS_PER_ENTRY, FRAME_LENGTH_WORD, FRAME_OFFSET_WORD, close_map
 from .spans import runs
+
+if TYPE_CHECKING:
+    from .segment import Segment
+
+log = logging.getLogger("meilies.engine")
 
 FOOTER = struct.Struct("<8sIIQQQQQQQ")
 FOOTER_SIZE = FOOTER.size  # 72
@@ -331,6 +339,163 @@ class SealedCopy:
         for view in (self.ends, self.block_sums, self.frames):
             view.release()
         close_map(self._map)
+
+
+class SegmentCopy:
+    """One segment's frame copy through its life: started at the first window of single
+    events, followed as events become visible, sealed with the segment, checked when a
+    reader first needs it, dropped on any mismatch. Best effort throughout: a copy that
+    cannot be written is given up with a warning, and nothing that writes the log fails
+    or waits because of it. A :class:`~meilies.engine.segment.Segment` owns one
+    (``Segment.copies``); this reads the segment's index, map, size, hash and state.
+    """
+
+    def __init__(self, segment: Segment) -> None:
+        self.segment = segment
+        self.path = frame_copy_path(segment.directory, segment.base_position)
+        #: The copy once made or checked; None without one.
+        self.copy: ActiveCopy | SealedCopy | None = None
+        #: False until a sealed segment's copy file was looked at (it is, at first use).
+        self._looked = False
+        #: The segment's index count at which the next part of the copy is made (or the
+        #: next window looked at, before it starts); None once the copy is given up.
+        self._next: int | None = COPY_BATCH
+        #: Before a copy starts: the entries before this were of batches (no copy).
+        self._checked = 0
+        #: The size of a sealed segment's copy file while it is not looked at yet.
+        self._file_bytes: int | None = None
+
+    def seal(self) -> None:
+        """Finish the frame copy (or make it, or adopt a file that is already this
+        segment's copy) and rename it into place. Best effort: it is derived data."""
+        segment = self.segment
+        self._looked = True
+        count, digest = segment.index.count, segment.hasher.intdigest()
+        path = self.path
+        if self._next is not None and self.copy is None:
+            try:  # sealed once already (a crash before the checkpoint said so)
+                self.copy = SealedCopy.open(path, segment.base_position, count, segment.size,
+                                            digest)
+                return
+            except BadFrameCopy:
+                pass  # none, or not this segment's
+            start = self._checked
+            if mostly_single_events(segment.index.entries, start, count):
+                self._start(start)
+        if self.copy is None:  # none, nor one left by an earlier seal of this segment
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # checked, and dropped, when a reader first needs it
+                log.warning("could not delete the old frame copy of %s: %s",
+                            segment.path.name, exc)
+            return
+        try:
+            self.copy.extend(segment.buffer(segment.written), segment.index.entries, count)
+            self.copy = self.copy.seal(segment.size, digest)
+        except (OSError, BadFrameCopy) as exc:
+            self._give_up(exc)
+
+    def follow(self) -> None:
+        """Extend the active segment's frame copy towards its visible events (called as
+        they become visible: cheap unless COPY_BATCH of them wait). One call copies at
+        most COPY_STEP events, so that a copy that is far behind (the active segment
+        of a directory just opened) catches up over several appends, not in one."""
+        segment = self.segment
+        next_at = self._next
+        count = segment.index.count
+        if next_at is None or count < next_at:
+            return
+        if self.copy is None:  # not started: is the next window worth it?
+            start = self._checked
+            stop = min(count, start + COPY_STEP)
+            if not mostly_single_events(segment.index.entries, start, stop):
+                self._checked = stop
+                self._next = stop + COPY_BATCH if stop == count else stop
+                return
+            if not self._start(start):
+                return
+        stop = min(count, self.copy.copied + COPY_STEP)
+        try:
+            self.copy.extend(segment.buffer(segment.written), segment.index.entries, stop)
+        except OSError as exc:
+            self._give_up(exc)
+            return
+        self._next = stop + COPY_BATCH if stop == count else stop
+
+    def _start(self, first: int) -> bool:
+        try:
+            self.copy = ActiveCopy(self.path, self.segment.base_position, first)
+        except OSError as exc:
+            self._give_up(exc)
+            return False
+        return True
+
+    def current(self) -> ActiveCopy | SealedCopy | None:
+        """The segment's usable frame copy, or None. A sealed segment's copy file is
+        opened and checked the first time it is asked for."""
+        segment = self.segment
+        if not self._looked and segment.state is not None:
+            self._looked = True
+            path = self.path
+            state = segment.state
+            try:
+                self.copy = SealedCopy.open(path, segment.base_position, state.event_count,
+                                            state.size, state.segment_hash)
+            except BadFrameCopy as exc:
+                if path.exists():
+                    self.drop(exc)
+        return self.copy
+
+    def disk_bytes(self) -> int:
+        """Bytes of the frame copy on disk (a sealed segment's copy file not looked at
+        yet: its size, found once)."""
+        segment = self.segment
+        if self.copy is not None:
+            return self.copy.size
+        if self._looked or segment.state is None:
+            return 0
+        if self._file_bytes is None:
+            try:
+                self._file_bytes = os.stat(self.path).st_size
+            except FileNotFoundError:
+                self._file_bytes = 0
+        return self._file_bytes
+
+    def drop(self, error: BadFrameCopy) -> None:
+        """A frame copy failed a check: warn, delete it and read the segment from now on."""
+        segment = self.segment
+        log.warning("dropping the frame copy of %s (reads use the segment): %s",
+                    segment.path.name, error.reason)
+        copy, self.copy = self.copy, None
+        self._next = None
+        if copy is not None:
+            copy.close()
+        try:
+            os.unlink(error.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # it is checked again, and dropped, at the next open
+            log.warning("could not delete %s: %s", error.path, exc)
+
+    def _give_up(self, error: OSError | BadFrameCopy) -> None:
+        """Stop copying: the copy cannot be written."""
+        segment = self.segment
+        log.warning("giving up the frame copy of %s (reads use the segment): %s",
+                    segment.path.name, error)
+        copy, self.copy = self.copy, None
+        self._next = None
+        if isinstance(copy, ActiveCopy):
+            copy.discard()
+        elif copy is not None:
+            copy.close()
+
+
+    def close(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
+            self.copy = None
 
 
 def mostly_single_events(index_buf, first: int, stop: int) -> bool:

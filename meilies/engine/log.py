@@ -237,7 +237,7 @@ class Engine(AppendPath, WritePath, Durability, Opening):
         for segment in self.segments:
             disk += segment.size
             disk += segment.index.count * ENTRY_SIZE * (1 if segment.is_active else 2)
-            disk += segment.copy_bytes()
+            disk += segment.copies.disk_bytes()
         return {"streams": self.streams.visible_count(), "events": self._visible_position,
                 "segments": len(self.segments), "disk_bytes": disk}
 

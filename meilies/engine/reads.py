@@ -211,13 +211,13 @@ def _from_copy(segment: Segment, first_delta: int, last_delta: int, count: int, 
     segment."""
     if last_delta - first_delta != count - 1:
         return None
-    copy = segment.frame_copy()
+    copy = segment.copies.current()
     if copy is None or first_delta < copy.first or last_delta >= copy.copied:
         return None
     try:
         taken, view = copy.span(first_delta, last_delta + 1, budget, at_least_one)
     except BadFrameCopy as exc:
-        segment.drop_copy(exc)
+        segment.copies.drop(exc)
         return None
     if not taken:
         return 0, [], []
@@ -276,13 +276,13 @@ def all_spans(engine: Engine, position: int, *, max_events: int = DEFAULT_MAX_EV
         return [], position
     segment, first, stop = found
     budget = _NO_BUDGET if max_bytes is None else max_bytes
-    copy = segment.frame_copy()
+    copy = segment.copies.current()
     if copy is not None and copy.first <= first < copy.copied:
         try:  # as far as the copy goes; the events after it come with the next call
             taken, view = copy.span(first, min(stop, copy.copied), budget, True)
             return [view], segment.base_position + first + taken
         except BadFrameCopy as exc:
-            segment.drop_copy(exc)
+            segment.copies.drop(exc)
     index = segment.index
     buf = index.buffer if isinstance(index, SealedIndex) else index.entries
     taken, starts, sizes = _plan_entries(buf, first, stop - first, budget, True)

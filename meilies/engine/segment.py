@@ -13,20 +13,16 @@ Not thread-safe: the engine serialises all access.
 from __future__ import annotations
 
 import errno
-import logging
 import mmap
 import os
 from pathlib import Path
 
 from . import format as fmt
 from .checkpoint import SegmentState
-from .errors import BadFrameCopy, CorruptSegment, StorageError, UnsupportedFormatVersion
-from .files import (frame_copy_path, fsync_directory, position_index_path, segment_path,
-                    stream_index_path)
-from .framecopy import COPY_BATCH, COPY_STEP, ActiveCopy, SealedCopy, mostly_single_events
+from .errors import CorruptSegment, StorageError, UnsupportedFormatVersion
+from .files import fsync_directory, position_index_path, segment_path, stream_index_path
+from .framecopy import SegmentCopy
 from .index import ActiveIndex, SealedIndex, close_map, sorted_stream_index, write_file
-
-log = logging.getLogger("meilies.engine")
 
 #: Most buffers one pwritev takes (the kernel refuses more).
 IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -50,17 +46,8 @@ class Segment:
         self.index: ActiveIndex | SealedIndex = ActiveIndex()
         self.stream_index: SealedIndex | None = None
         self.state: SegmentState | None = None  # set once sealed
-        #: The frame copy (framecopy.py) once made or checked; None without one.
-        self.copy: ActiveCopy | SealedCopy | None = None
-        #: False until a sealed segment's copy file was looked at (it is, at first use).
-        self._copy_looked = False
-        #: The active index's count at which the next part of the copy is made (or the
-        #: next window looked at, before it starts); None once the copy is given up.
-        self._copy_next: int | None = COPY_BATCH
-        #: Before a copy starts: the entries before this were of batches (no copy).
-        self._copy_checked = 0
-        #: The size of a sealed segment's copy file while it is not looked at yet.
-        self._copy_file_bytes: int | None = None
+        #: Its frame copy through its life (framecopy.py).
+        self.copies = SegmentCopy(self)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -153,7 +140,7 @@ class Segment:
                 write_file(path, data)
             except OSError as exc:  # still active: a later roll tries again
                 raise StorageError(path, "write", exc) from exc
-        self._seal_copy()  # after the indexes: a failed seal leaves the segment active
+        self.copies.seal()  # after the indexes: a failed seal leaves the segment active
         os.close(self._fd)
         self._fd = None
         self.state = SegmentState(self.base_position, self.size, len(entries) // 24,
@@ -162,135 +149,12 @@ class Segment:
         self.load_sealed_indexes()
         return self.state
 
-    def _seal_copy(self) -> None:
-        """Finish the frame copy (or make it, or adopt a file that is already this
-        segment's copy) and rename it into place. Best effort: it is derived data."""
-        self._copy_looked = True
-        count, digest = self.index.count, self.hasher.intdigest()
-        path = frame_copy_path(self.directory, self.base_position)
-        if self._copy_next is not None and self.copy is None:
-            try:  # sealed once already (a crash before the checkpoint said so)
-                self.copy = SealedCopy.open(path, self.base_position, count, self.size, digest)
-                return
-            except BadFrameCopy:
-                pass  # none, or not this segment's
-            start = self._copy_checked
-            if mostly_single_events(self.index.entries, start, count):
-                self._start_copy(start)
-        if self.copy is None:  # none, nor one left by an earlier seal of this segment
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:  # checked, and dropped, when a reader first needs it
-                log.warning("could not delete the old frame copy of %s: %s",
-                            self.path.name, exc)
-            return
-        try:
-            self.copy.extend(self.buffer(self.written), self.index.entries, count)
-            self.copy = self.copy.seal(self.size, digest)
-        except (OSError, BadFrameCopy) as exc:
-            self._give_up_copy(exc)
-
-    def copy_visible(self) -> None:
-        """Extend the active segment's frame copy towards its visible events (called as
-        they become visible: cheap unless COPY_BATCH of them wait). One call copies at
-        most COPY_STEP events, so that a copy that is far behind (the active segment
-        of a directory just opened) catches up over several appends, not in one."""
-        next_at = self._copy_next
-        count = self.index.count
-        if next_at is None or count < next_at:
-            return
-        if self.copy is None:  # not started: is the next window worth it?
-            start = self._copy_checked
-            stop = min(count, start + COPY_STEP)
-            if not mostly_single_events(self.index.entries, start, stop):
-                self._copy_checked = stop
-                self._copy_next = stop + COPY_BATCH if stop == count else stop
-                return
-            if not self._start_copy(start):
-                return
-        stop = min(count, self.copy.copied + COPY_STEP)
-        try:
-            self.copy.extend(self.buffer(self.written), self.index.entries, stop)
-        except OSError as exc:
-            self._give_up_copy(exc)
-            return
-        self._copy_next = stop + COPY_BATCH if stop == count else stop
-
-    def _start_copy(self, first: int) -> bool:
-        try:
-            self.copy = ActiveCopy(frame_copy_path(self.directory, self.base_position),
-                                   self.base_position, first)
-        except OSError as exc:
-            self._give_up_copy(exc)
-            return False
-        return True
-
-    def frame_copy(self) -> ActiveCopy | SealedCopy | None:
-        """The segment's usable frame copy, or None. A sealed segment's copy file is
-        opened and checked the first time it is asked for."""
-        if not self._copy_looked and self.state is not None:
-            self._copy_looked = True
-            path = frame_copy_path(self.directory, self.base_position)
-            state = self.state
-            try:
-                self.copy = SealedCopy.open(path, self.base_position, state.event_count,
-                                            state.size, state.segment_hash)
-            except BadFrameCopy as exc:
-                if path.exists():
-                    self.drop_copy(exc)
-        return self.copy
-
-    def copy_bytes(self) -> int:
-        """Bytes of the frame copy on disk (a sealed segment's copy file not looked at
-        yet: its size, found once)."""
-        if self.copy is not None:
-            return self.copy.size
-        if self._copy_looked or self.state is None:
-            return 0
-        if self._copy_file_bytes is None:
-            try:
-                self._copy_file_bytes = os.stat(
-                    frame_copy_path(self.directory, self.base_position)).st_size
-            except FileNotFoundError:
-                self._copy_file_bytes = 0
-        return self._copy_file_bytes
-
-    def drop_copy(self, error: BadFrameCopy) -> None:
-        """A frame copy failed a check: warn, delete it and read the segment from now on."""
-        log.warning("dropping the frame copy of %s (reads use the segment): %s",
-                    self.path.name, error.reason)
-        copy, self.copy = self.copy, None
-        self._copy_next = None
-        if copy is not None:
-            copy.close()
-        try:
-            os.unlink(error.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # it is checked again, and dropped, at the next open
-            log.warning("could not delete %s: %s", error.path, exc)
-
-    def _give_up_copy(self, error: OSError | BadFrameCopy) -> None:
-        """Stop copying: the copy cannot be written."""
-        log.warning("giving up the frame copy of %s (reads use the segment): %s",
-                    self.path.name, error)
-        copy, self.copy = self.copy, None
-        self._copy_next = None
-        if isinstance(copy, ActiveCopy):
-            copy.discard()
-        elif copy is not None:
-            copy.close()
-
     def load_sealed_indexes(self) -> None:
         self.index = SealedIndex(position_index_path(self.directory, self.base_position))
         self.stream_index = SealedIndex(stream_index_path(self.directory, self.base_position))
 
     def close(self) -> None:
-        if self.copy is not None:
-            self.copy.close()
-            self.copy = None
+        self.copies.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

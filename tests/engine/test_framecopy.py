@@ -128,11 +128,11 @@ def test_the_active_segments_copy_grows_as_events_become_visible(tmp_path):
             engine.append(b"one", [(b"e", b"%d" % i)])
             engine.sync()
         active = engine.segments[-1]
-        assert active.frame_copy() is not None and active.frame_copy().copied >= COPY_BATCH
+        assert active.copies.current() is not None and active.copies.current().copied >= COPY_BATCH
         assert (tmp_path / "00000000000000000000.frm.tmp").exists()
         frames = log_frames(engine)
         views, after = engine.all_spans(0, max_bytes=1 << 30)
-        assert len(views) == 1 and after == active.frame_copy().copied
+        assert len(views) == 1 and after == active.copies.current().copied
         got, _pieces = catch_up(engine, 0, 1 << 30)
         assert got == b"".join(frames)
         assert stream_catch_up(engine, b"one", 5, 1000) == b"".join(frames[5:])
@@ -150,7 +150,7 @@ def test_copies_survive_a_restart_and_a_crash(tmp_path):
         with Engine.open(directory, fsync="no", segment_size=SEGMENT_SIZE) as engine:
             assert log_frames(engine) == frames
             check_catch_ups(engine, frames, rng)
-            assert all(s.frame_copy() is not None for s in engine.segments[:-1])
+            assert all(s.copies.current() is not None for s in engine.segments[:-1])
             publish_mixed(engine, 3_000, seed=4)  # the active copy is made again first
             more = log_frames(engine)
             assert more[:len(frames)] == frames
@@ -181,8 +181,8 @@ def test_a_bad_copy_is_dropped_and_the_log_read(tmp_path, caplog, damage):
         with Engine.open(tmp_path, fsync="no", segment_size=SEGMENT_SIZE) as engine:
             got, _pieces = catch_up(engine, 0, 1 << 16)
             assert got == b"".join(frames)
-            assert engine.segments[1].frame_copy() is None
-            assert engine.segments[0].frame_copy() is not None
+            assert engine.segments[1].copies.current() is None
+            assert engine.segments[0].copies.current() is not None
     assert any("dropping the frame copy" in r.getMessage() for r in caplog.records)
     assert not path.exists()
     assert fsck.verify(tmp_path).clean  # a missing copy is no problem
@@ -209,7 +209,7 @@ def test_fsck_names_the_first_frame_that_differs_from_the_log(tmp_path):
         publish_mixed(engine, 3_000, seed=8)
         segment = engine.segments[0]
         state = segment.state
-        copy = segment.frame_copy()
+        copy = segment.copies.current()
         end = copy.ends[40]
         frames = bytearray(copy.frames)
         ends = copy.ends.tobytes()
@@ -243,7 +243,7 @@ def test_a_segment_of_batches_gets_no_copy(tmp_path):
             engine.append(b"b%d" % (i % 3), [(b"e", b"x" * 20) for _ in range(10)])
         engine.sync()
         assert len(engine.segments) >= 2
-        assert all(s.frame_copy() is None for s in engine.segments)
+        assert all(s.copies.current() is None for s in engine.segments)
         assert not list(tmp_path.glob("*.frm*"))
         frames = log_frames(engine)
         assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
@@ -260,7 +260,7 @@ def test_a_segment_that_turns_to_single_events_is_copied_from_there(tmp_path, se
             engine.append(b"s%d" % (i % 5), [(b"e", b"%040d" % i)])
         engine.sync()
         first = engine.segments[0]
-        copy = first.frame_copy()
+        copy = first.copies.current()
         assert copy is not None and 0 < copy.first <= 10_000 + COPY_BATCH
         frames = log_frames(engine)
         views, after = engine.all_spans(copy.first, max_events=1 << 30, max_bytes=1 << 30)
@@ -273,10 +273,10 @@ def test_a_segment_that_turns_to_single_events_is_copied_from_there(tmp_path, se
         if engine.segments[0].is_active:  # made again, a step per append, from a window
             for i in range(3):
                 engine.append(b"s0", [(b"e", b"after %d" % i)])
-            assert engine.segments[0].frame_copy().first >= COPY_STEP
+            assert engine.segments[0].copies.current().first >= COPY_STEP
             frames = log_frames(engine)
         else:
-            assert engine.segments[0].frame_copy().first == copy.first
+            assert engine.segments[0].copies.current().first == copy.first
         check_catch_ups(engine, frames, rng)
 
 
@@ -288,7 +288,7 @@ def test_a_copy_that_cannot_be_written_is_given_up_and_appends_go_on(tmp_path, c
                 engine.append(b"one", [(b"e", b"%d" % i)])
             engine.sync()
         assert any("giving up the frame copy" in r.getMessage() for r in caplog.records)
-        assert engine.segments[-1].frame_copy() is None
+        assert engine.segments[-1].copies.current() is None
         frames = log_frames(engine)
         assert len(frames) == COPY_BATCH + 5
         assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
@@ -311,13 +311,13 @@ def test_a_seal_that_fails_keeps_the_copy_growing_and_a_later_roll_seals_it(tmp_
                 failed += 1
             i += 1
         assert len(engine.segments) == 1
-        assert engine.segments[0].frame_copy().copied >= COPY_BATCH
+        assert engine.segments[0].copies.current().copied >= COPY_BATCH
         blocker.rmdir()
         for j in range(3 * COPY_BATCH):
             engine.append(b"s%d" % (j % 3), [(b"e", b"%060d" % j)])
         engine.sync()
         assert len(engine.segments) >= 2
-        assert isinstance(engine.segments[0].frame_copy(), SealedCopy)
+        assert isinstance(engine.segments[0].copies.current(), SealedCopy)
         frames = log_frames(engine)
         assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
     assert fsck.verify(tmp_path).clean
@@ -344,11 +344,11 @@ def test_after_an_open_the_active_copy_catches_up_a_step_per_append(tmp_path):
         engine.sync()
     with Engine.open(tmp_path, fsync="no", segment_size=64 << 20) as engine:
         active = engine.segments[-1]
-        assert active.frame_copy() is None  # opening made none
+        assert active.copies.current() is None  # opening made none
         copied = []
         for i in range(4):
             engine.append(b"s0", [(b"e", b"more %d" % i)])
-            copy = active.frame_copy()
+            copy = active.copies.current()
             copied.append(copy.copied)
             frames = log_frames(engine)
             assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
