@@ -353,3 +353,16 @@ def test_after_an_open_the_active_copy_catches_up_a_step_per_append(tmp_path):
             frames = log_frames(engine)
             assert catch_up(engine, 0, 1 << 16)[0] == b"".join(frames)
         assert copied == [COPY_STEP, 2 * COPY_STEP, total + 3, total + 3]
+
+
+def test_a_segment_sealed_without_a_copy_deletes_an_older_one(tmp_path):
+    """A .frm left by an earlier seal of the segment (before a crash, say) is not this
+    segment's copy once it is sealed without one: it goes, not waits for a reader."""
+    with Engine.open(tmp_path, fsync="no", segment_size=1 << 20) as engine:
+        stale = frame_copy_path(tmp_path, 0)
+        stale.write_bytes(b"an older copy")
+        for i in range(3 * COPY_STEP // 10):
+            engine.append(b"b%d" % (i % 3), [(b"e", b"x" * 20) for _ in range(10)])
+        engine.sync()
+        assert len(engine.segments) >= 2
+        assert not stale.exists()
