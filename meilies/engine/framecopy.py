@@ -132,12 +132,8 @@ class ActiveCopy:
         if stop <= first:
             return
         with memoryview(index_buf) as raw, raw.cast("I") as words:
-            lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
-            lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
-            total = sum(lengths)
-            starts, sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths,
-                                 total)
-        data = b"".join([log_buf[a:a + n] for a, n in zip(starts, sizes)])
+            lengths, starts, sizes = _entry_runs(words, first, stop)
+        data = _gather(log_buf, starts, sizes)
         at = self.frames_length
         _write_all(self._fd, data)
         self.ends.extend(_ends(at, lengths))
@@ -315,18 +311,17 @@ class SealedCopy:
         with memoryview(index_buf) as raw, raw.cast("I") as words:
             for first in range(0, self.count, VERIFY_BATCH):
                 stop = min(self.count, first + VERIFY_BATCH)
-                lo = (self.first + first) * WORDS_PER_ENTRY
-                hi = (self.first + stop) * WORDS_PER_ENTRY
-                lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
+                lengths, starts, sizes = _entry_runs(words, self.first + first,
+                                                     self.first + stop)
                 at = self.ends[first - 1] if first else 0
                 ends = array("I", _ends(at, lengths))
                 if self.ends[first:stop] != ends:
                     k = self.first + first + next(i for i, (a, b) in enumerate(
                         zip(self.ends[first:stop], ends)) if a != b)
                     raise BadFrameCopy(self.path, f"the end of event {k}'s frame is wrong")
-                starts, sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths)
-                expected = b"".join([log_buf[a:a + n] for a, n in zip(starts, sizes)])
-                if self.frames[at:ends[-1]] != expected:
+                if self.frames[at:ends[-1]] != _gather(log_buf, starts, sizes):
+                    lo = (self.first + first) * WORDS_PER_ENTRY
+                    hi = (self.first + stop) * WORDS_PER_ENTRY
                     offsets = words[lo + FRAME_OFFSET_WORD:hi:WORDS_PER_ENTRY].tolist()
                     for k, (offset, length) in enumerate(zip(offsets, lengths), first):
                         end = self.ends[k]
@@ -504,10 +499,23 @@ def mostly_single_events(index_buf, first: int, stop: int) -> bool:
     if stop <= first:
         return False
     with memoryview(index_buf) as raw, raw.cast("I") as words:
-        lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
-        lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
-        starts, _sizes = runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths)
+        _lengths, starts, _sizes = _entry_runs(words, first, stop)
     return len(starts) * BATCH_RUN > stop - first
+
+
+def _entry_runs(words, first: int, stop: int) -> tuple[list[int], list[int], list[int]]:
+    """Frame lengths of position-index entries ``first`` .. ``stop - 1`` (``words``: the
+    index as u32s), and the byte ranges (starts, sizes) of the log that hold them, one
+    per run of back-to-back frames (spans.runs)."""
+    lo, hi = first * WORDS_PER_ENTRY, stop * WORDS_PER_ENTRY
+    lengths = words[lo + FRAME_LENGTH_WORD:hi:WORDS_PER_ENTRY].tolist()
+    return (lengths, *runs(words, lo + FRAME_OFFSET_WORD, WORDS_PER_ENTRY, lengths,
+                           sum(lengths)))
+
+
+def _gather(log_buf, starts: list[int], sizes: list[int]) -> bytes:
+    """The byte ranges of the log joined: the frames they hold, back to back."""
+    return b"".join([log_buf[a:a + n] for a, n in zip(starts, sizes)])
 
 
 def _cut(ends, first: int, stop: int, budget: int, at_least_one: bool
